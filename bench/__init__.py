@@ -1,0 +1,1 @@
+"""The harness: CLI, sweep over variants, training/evaluation, measurement and reporting."""

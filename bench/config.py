@@ -1,0 +1,131 @@
+"""Command-line flags and presets. Flags are declared once, grouped, with defaults in their help;
+`get_args_parser()` builds the parser so tests and other tools reuse it.
+
+Precedence: built-in defaults < the profile's values (`profiles/NAME.toml`) < flags on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from importlib import resources
+
+from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
+from bench.variants import ConfigError
+from models import HEADS, UNITS
+from pipelines import DATASETS
+from pipelines.dali import AUGMENTS
+
+DEFAULT_PROFILE = "default"
+LOADERS = ("dali",)  # the torch-GPU and torchvision-CPU loaders join here
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line on stderr and exit 2 (argparse's default also prints the whole usage)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m bench.run", description="Layer-wise fine-tuning benchmark: for each freezing "
+               "depth a fresh model is trained, evaluated and measured.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--profile", default=DEFAULT_PROFILE, help="preset from profiles/ (see --list-profiles)")
+    g.add_argument("--list-profiles", action="store_true", help="list the presets and exit")
+    g.add_argument("--list-layers", action="store_true", help="print the model's layers numbered from the output end and exit")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (variants, trainable layers) and exit")
+    g.add_argument("--out", default=None, help="output directory (default: runs/<UTC time>-<profile>)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation and splits")
+
+    g = p.add_argument_group("model and freezing")
+    g.add_argument("--model", default="resnet50", help="any torchvision ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)")
+    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision's DEFAULT weights), none, or a state-dict path")
+    g.add_argument("--head", default="linear", choices=sorted(HEADS), help="classifier head")
+    g.add_argument("--unit", default="module", choices=UNITS, help="what one layer of --unfreeze counts")
+    g.add_argument("--unfreeze", default="1,3,6,12,15,25", help="depths to sweep: last N layers trainable, 'all' = every layer")
+    g.add_argument("--frozen-bn", default="eval", choices=("eval", "train"),
+                   help="mode of frozen BatchNorm layers while training (train reproduces seed 000's drifting statistics)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS), help="dataset")
+    g.add_argument("--data-dir", default=None, help="dataset directory (default: ~/.cache/finetune-bench)")
+    g.add_argument("--val-size", type=positive_int, default=10000, help="validation images held out of the training set")
+    g.add_argument("--train-size", type=positive_int, default=50000, help="synthetic: training images")
+    g.add_argument("--num-classes", type=positive_int, default=100, help="synthetic: number of classes")
+    g.add_argument("--image-size", type=positive_int, default=224, help="side the 32 px images are resized to")
+    g.add_argument("--augment", default="flip-crop", choices=AUGMENTS, help="training augmentation")
+    g.add_argument("--loader", default="dali", choices=LOADERS, help="input pipeline")
+    g.add_argument("--workers", type=positive_int, default=4, help="DALI CPU threads")
+
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = cuda when available")
+    g.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS), help="autocast dtype (fp16 adds loss scaling)")
+    g.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC model and inputs")
+    g.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=15, help="epochs per variant")
+    g.add_argument("--steps", type=positive_int, default=None, help="train this many steps per variant instead of --epochs (throughput runs)")
+    g.add_argument("--batch-size", type=positive_int, default=1024, help="training batch size")
+    g.add_argument("--eval-batch-size", type=positive_int, default=None, help="evaluation batch size (default: --batch-size)")
+    g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--lr", type=non_negative_float, default=1e-3, help="learning rate")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay")
+    g.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    g.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="learning-rate schedule, stepped every step")
+    g.add_argument("--step-size", type=positive_int, default=10, help="step scheduler: epochs between decays")
+    g.add_argument("--gamma", type=non_negative_float, default=0.1, help="step scheduler: decay factor")
+    g.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the throughput figures")
+    return p
+
+
+def profile_names() -> list[str]:
+    return sorted(f.name[:-5] for f in resources.files("profiles").iterdir() if f.name.endswith(".toml"))
+
+
+def load_profile(name: str) -> dict:
+    if name not in profile_names():
+        raise ConfigError(f"unknown profile {name!r}; choose from: {', '.join(profile_names())}")
+    text = resources.files("profiles").joinpath(f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags over the chosen profile; `cfg.profile_description` carries the profile's text."""
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    known, _ = parser.parse_known_args(argv)
+    profile = load_profile(known.profile) if not known.list_profiles else {}
+    description = profile.pop("description", "")
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(profile) - dests)
+    if unknown:
+        raise ConfigError(f"profile {known.profile!r} sets unknown settings: {', '.join(unknown)}")
+    parser.set_defaults(**profile)
+    cfg = parser.parse_args(argv)
+    cfg.profile_description = description
+    return cfg

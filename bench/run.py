@@ -1,0 +1,139 @@
+"""`python -m bench.run`: sweep freezing depths, train and evaluate each, report speed, memory and accuracy.
+
+Bad input gets one line on stderr and exit code 2 before anything is written; a variant that fails
+during the sweep is recorded in its row and the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench.config import ConfigError, parse_config, profile_names, load_profile
+from bench.measure import environment
+from bench.report import LiveProgress, results_table, write_results
+from bench.sweep import plan_variants, run_sweep
+from bench.variants import depth_variants
+from models import ModelError, build_model, layers, load_pretrained
+from pipelines import DataError, load_dataset
+
+USER_ERRORS = (ConfigError, ModelError, DataError)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+    return torch.device(name)
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "finetune-bench")
+
+
+def print_profiles(console: Console) -> None:
+    table = Table(title="profiles (python -m bench.run --profile NAME)")
+    table.add_column("name")
+    table.add_column("what it runs")
+    for name in profile_names():
+        table.add_row(name, load_profile(name).get("description", ""))
+    console.print(table)
+
+
+def print_layers(console: Console, cfg: argparse.Namespace, num_classes: int) -> None:
+    model = build_model(cfg.model, num_classes, None, cfg.head)
+    table = Table(title=f"{cfg.model} layers with --unit {cfg.unit} (--unfreeze N trains rows 1..N)")
+    for col in ("#", "layer", "type", "tensors", "params"):
+        table.add_column(col, justify="right" if col in ("#", "tensors", "params") else "left")
+    for i, layer in enumerate(layers(model, cfg.unit), 1):
+        params = layer.parameters()
+        kind = "+".join(dict.fromkeys(type(m).__name__ for m in layer.modules[:3] if any(True for _ in m.parameters(recurse=False)))) \
+            or type(layer.modules[0]).__name__
+        table.add_row(str(i), layer.name, kind, str(len(params)), f"{sum(p.numel() for p in params):,}")
+    console.print(table)
+
+
+def print_plan(console: Console, cfg: argparse.Namespace, plans: list[dict], device: torch.device) -> None:
+    table = Table(title=f"plan: {cfg.model} on {cfg.dataset} at {cfg.image_size}px, {device.type}, "
+                        f"{cfg.steps and f'{cfg.steps} steps' or f'{cfg.epochs} epochs'} per variant")
+    for col in ("variant", "unit", "tensors", "trainable params", "share", "deepest trainable layer"):
+        table.add_column(col)
+    for p in plans:
+        table.add_row(p["variant"], p["unit"], str(p["trainable_tensors"]), f"{p['trainable_params']:,}",
+                      f"{100 * p['trainable_params'] / p['total_params']:.1f}%", p["trainable_layers"][-1])
+    console.print(table)
+
+
+def num_classes_of(cfg: argparse.Namespace) -> int:
+    return {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console()
+    try:
+        cfg = parse_config(argv)
+        if cfg.list_profiles:
+            print_profiles(console)
+            return 0
+        if cfg.list_layers:
+            print_layers(console, cfg, num_classes_of(cfg))
+            return 0
+        device = resolve_device(cfg.device)
+        variants = depth_variants(cfg.unfreeze)
+        plans = plan_variants(cfg, variants, num_classes_of(cfg))
+        if cfg.dry_run:
+            print_plan(console, cfg, plans, device)
+            return 0
+        cfg.data_dir = cfg.data_dir or default_data_dir()
+        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
+                            num_classes=cfg.num_classes, train_size=cfg.train_size)
+        if len(data.train) < cfg.batch_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training images")
+        pretrained = load_pretrained(cfg.model, cfg.weights)
+    except USER_ERRORS as e:
+        print(f"bench.run: error: {e}", file=sys.stderr)
+        return 2
+
+    cfg.devices_used = 1
+    started = datetime.now(timezone.utc)
+    out = Path(cfg.out or f"runs/{started:%Y%m%dT%H%M%SZ}-{cfg.profile}")
+    run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},
+                "out": str(out), "started_utc": started.isoformat(timespec="seconds"),
+                "device_used": str(device), "num_classes": data.num_classes,
+                "train_images": len(data.train), "eval_images": len(data.eval),
+                "variants": [v.name for v in variants], "env": environment(device)}
+    rows: list[dict] = []
+    write_results(out, run_info, rows)
+    console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(data.train)} train / "
+                  f"{len(data.eval)} eval images) at {cfg.image_size}px on {run_info['env']['device']} "
+                  f"({device.type}), {len(variants)} variants -> {out}")
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        write_results(out, run_info, rows)
+
+    hours = "GPU-h" if device.type == "cuda" else "device-h"
+    try:
+        with LiveProgress(console, len(variants)) as live:
+            run_sweep(cfg, variants, plans, data, pretrained, device, on_row=on_row, on_progress=live.update)
+    except KeyboardInterrupt:
+        console.print(results_table(rows, f"interrupted: {len(rows)}/{len(variants)} variants finished", hours))
+        print(f"bench.run: interrupted; finished variants are in {out}/results.json", file=sys.stderr)
+        return 130
+    console.print(results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
+                                      f"{device.type} ({run_info['env']['device']})", hours))
+    console.print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

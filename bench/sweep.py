@@ -1,0 +1,162 @@
+"""The sweep: every variant on a fresh model, trained, evaluated and measured; one result row each.
+
+A variant that fails (out of memory, non-finite loss, any error) is recorded with its status and the
+sweep goes on; rows are written after every variant, so nothing finished is ever lost.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from bench.measure import median, peak_memory, reset_peak_memory
+from bench.train import Trainer, make_optimizer, make_scheduler
+from bench.variants import Variant
+from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
+from pipelines import Dataset
+from pipelines.dali import DaliLoader
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def plan_fields(variant: Variant, plan: FreezePlan) -> dict:
+    return {
+        "variant": variant.name,
+        "kind": variant.kind,
+        "unfreeze": plan.depth if plan.depth < plan.num_layers else "all",
+        "unit": plan.unit,
+        "trainable_params": plan.trainable_params,
+        "trainable_tensors": plan.trainable_tensors,
+        "total_params": plan.total_params,
+        "trainable_layers": plan.trainable_layers,
+    }
+
+
+def make_loaders(cfg: argparse.Namespace, data: Dataset, device: torch.device) -> tuple[DaliLoader, DaliLoader]:
+    common = dict(image_size=cfg.image_size, mean=data.mean, std=data.std, device=device,
+                  half=cfg.precision != "fp32", num_threads=cfg.workers)
+    train = DaliLoader(data.train.images, data.train.labels, batch_size=cfg.batch_size, train=True,
+                       augment=cfg.augment, seed=cfg.seed, **common)
+    evaluation = DaliLoader(data.eval.images, data.eval.labels, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                            train=False, augment="none", seed=cfg.seed, **common)
+    return train, evaluation
+
+
+def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretrained, device: torch.device,
+                on_progress: Callable[..., None] | None = None) -> dict:
+    """Train and evaluate one variant; returns its result row (HARNESS.md's per-depth fields)."""
+    torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
+    model = build_model(cfg.model, data.num_classes, pretrained, cfg.head)
+    plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    train_loader, eval_loader = make_loaders(cfg, data, device)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, device=device)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                               step_size=cfg.step_size, gamma=cfg.gamma)
+    trainer = Trainer(model, device=device, precision=cfg.precision, compile=cfg.compile,
+                      compile_mode=cfg.compile_mode, optimizer=optimizer, scheduler=scheduler,
+                      label_smoothing=cfg.label_smoothing)
+
+    reset_peak_memory(device)
+    history, step_ms, wait_s, train_wall = [], [], 0.0, 0.0
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model, plan, cfg.frozen_bn)
+        tick = (lambda step, images, e=epoch: on_progress(epoch=e, epochs=epochs, step=step,
+                                                          steps=steps_per_epoch, images=images)) \
+            if on_progress else None
+        stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
+        if not math.isfinite(stats.loss):
+            raise NonFiniteLoss(f"training loss is {stats.loss} in epoch {epoch}")
+        # Steady state: the run's first steps (compilation, cuDNN autotuning, allocator growth) are out.
+        skip = min(cfg.warmup_steps, len(stats.step_ms) - 1) if stats.first_step else 0
+        first_step_ms = stats.step_ms[0] if stats.first_step else None
+        step_ms += stats.step_ms[skip:]
+        wait_s += stats.data_wait_s
+        train_wall += stats.wall_s
+        ev = trainer.evaluate(eval_loader, data.num_classes)
+        history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
+                        "top1": round(ev.top1, 3), "top5": round(ev.top5, 3),
+                        "elapsed_s": round(time.perf_counter() - start, 3)})
+        if epoch == 1:
+            first_eval_ms = ev.batch_ms[0] if ev.batch_ms else 0.0
+    wall = time.perf_counter() - start
+
+    step_median = median(step_ms)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    # Evaluation throughput from the last evaluation, its first batch left out as warm-up.
+    timed_eval = ev.batch_ms[1:] if len(ev.batch_ms) > 1 else ev.batch_ms
+    eval_images = ev.images - eval_bs if len(ev.batch_ms) > 1 else ev.images
+    compile_s = 0.0
+    if cfg.compile:  # compilation happens inside the first training step and the first evaluation batch
+        compile_s = max(0.0, first_step_ms - step_median) / 1e3 + \
+            max(0.0, first_eval_ms - (median(timed_eval) or 0.0)) / 1e3
+    gpu_hours = wall * cfg.devices_used / 3600.0
+    return {
+        **plan_fields(variant, plan),
+        "status": "ok",
+        "error": None,
+        "images_per_s": round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2),
+        "eval_images_per_s": round(eval_images / (sum(timed_eval) / 1e3), 2) if timed_eval else None,
+        "step_ms_median": round(step_median, 3),
+        "data_wait_pct": round(100.0 * wait_s / train_wall, 2),
+        "peak_mem_bytes": peak_memory(device),
+        "compile_s": round(compile_s, 3),
+        "epochs": epochs,
+        "steps": trainer.steps_done,
+        "top1": round(ev.top1, 3),
+        "top5": round(ev.top5, 3),
+        "train_s": round(train_wall, 3),
+        "wall_s": round(wall, 3),
+        "gpu_hours": gpu_hours,
+        "acc_per_gpu_hour": round(ev.top1 / gpu_hours, 2),
+        "history": history,
+    }
+
+
+def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseException) -> dict:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return {**plan_row, "variant": variant.name, "kind": variant.kind, "status": status,
+            "error": f"{type(error).__name__}: {message}"}
+
+
+def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], data: Dataset, pretrained,
+              device: torch.device, *, on_row: Callable[[dict], None],
+              on_progress: Callable[..., None] | None = None) -> list[dict]:
+    """Runs every variant; `on_row` gets each finished row (and the rows so far are its to write)."""
+    rows: list[dict] = []
+    for variant, plan_row in zip(variants, plans):
+        cfg = variant.apply(base)
+        progress = (lambda v=variant, **kw: on_progress(variant=v, **kw)) if on_progress else None
+        try:
+            row = run_variant(cfg, variant, data, pretrained, device, progress)
+        except torch.OutOfMemoryError as e:
+            row = failed_row(variant, plan_row, "oom", e)
+        except NonFiniteLoss as e:
+            row = failed_row(variant, plan_row, "nan", e)
+        except Exception as e:  # recorded in the row; the sweep goes on with the next variant
+            row = failed_row(variant, plan_row, "error", e)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        on_row(row)
+    return rows
+
+
+def plan_variants(base: argparse.Namespace, variants: list[Variant], num_classes: int) -> list[dict]:
+    """Freeze plans for every variant, computed before any training so bad depths fail fast."""
+    model = build_model(base.model, num_classes, None, base.head)
+    return [plan_fields(v, apply_unfreeze(model, v.apply(base).unfreeze, v.apply(base).unit, base.model))
+            for v in variants]

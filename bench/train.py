@@ -1,0 +1,156 @@
+"""One training step, one epoch, one evaluation: the hot loop, free of host synchronisation.
+
+Losses and correct counts accumulate in device tensors and are read once per epoch; a `.item()` per
+step would stall the GPU queue every step (and make images/s correct only by accident).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bench.measure import StepTimer, synchronize
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "step", "none")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    # Fused kernels update all tensors in one launch on CUDA; foreach is the CPU fallback.
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+    raise ValueError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
+
+
+def make_scheduler(name: str, optimizer, *, total_steps: int, steps_per_epoch: int, step_size: int,
+                   gamma: float):
+    """Stepped once per training step. Cosine anneals over the whole run (the seeds' per-epoch
+    CosineAnnealingLR, at step granularity); `step` multiplies by `gamma` every `step_size` epochs."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    step_ms: list[float]        # time between consecutive step starts (data wait included)
+    data_wait_s: float          # host time blocked on the loader
+    wall_s: float
+    first_step: bool = False    # this epoch contains the run's first step (compilation, autotuning)
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    top1: float
+    top5: float
+    images: int
+    batch_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Trainer:
+    """Owns the forward (compiled or eager), loss, optimizer, scheduler and mixed-precision state."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, compile: bool,
+                 compile_mode: str | None, optimizer: torch.optim.Optimizer, scheduler,
+                 label_smoothing: float = 0.0):
+        self.model, self.device = model, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        dtype = PRECISIONS[precision]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
+            else contextlib.nullcontext
+        # fp16 needs loss scaling; its step() checks for infs on the host, the only sync in the step.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.forward = torch.compile(model, mode=compile_mode) if compile else model
+        self.steps_done = 0
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = self.criterion(self.forward(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.steps_done += 1
+        return loss.detach()
+
+    def train_epoch(self, loader, *, max_steps: int | None = None, on_step=None) -> EpochStats:
+        """One pass over `loader` (or `max_steps` steps). `on_step(step, images)` is for progress
+        display only and must not synchronise."""
+        timer = StepTimer(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        images_seen, wait, steps = 0, 0.0, 0
+        first = self.steps_done == 0
+        synchronize(self.device)
+        start = time.perf_counter()
+        batches = iter(loader)
+        while max_steps is None or steps < max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            x, y = batch
+            timer.mark()
+            loss_sum += self.step(x, y) * y.shape[0]
+            images_seen += y.shape[0]
+            steps += 1
+            if on_step is not None:
+                on_step(steps, images_seen)
+        if max_steps is not None:
+            for _ in batches:  # let DALI finish its epoch so the next one starts cleanly
+                pass
+        timer.mark()
+        synchronize(self.device)
+        return EpochStats(loss=(loss_sum / max(images_seen, 1)).item(), images=images_seen,
+                          step_ms=timer.intervals_ms(), data_wait_s=wait,
+                          wall_s=time.perf_counter() - start, first_step=first)
+
+    @torch.inference_mode()
+    def evaluate(self, loader, num_classes: int) -> EvalStats:
+        self.model.eval()
+        k = min(5, num_classes)
+        timer = StepTimer(self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct1 = torch.zeros((), device=self.device, dtype=torch.int64)
+        correctk = torch.zeros_like(correct1)
+        n = 0
+        synchronize(self.device)
+        start = time.perf_counter()
+        for x, y in loader:
+            timer.mark()
+            with self.autocast():
+                logits = self.forward(x)
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            topk = logits.topk(k, dim=1).indices
+            hits = topk == y[:, None]
+            correct1 += hits[:, 0].sum()
+            correctk += hits.any(dim=1).sum()
+            n += y.shape[0]
+        timer.mark()
+        synchronize(self.device)
+        wall = time.perf_counter() - start
+        if n == 0:
+            return EvalStats(math.nan, math.nan, math.nan, 0, [], wall)
+        return EvalStats(loss=loss_sum.item() / n, top1=100.0 * correct1.item() / n,
+                         top5=100.0 * correctk.item() / n, images=n, batch_ms=timer.intervals_ms(), wall_s=wall)

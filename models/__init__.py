@@ -1,0 +1,8 @@
+"""Networks for the harness: torchvision ResNets with a replaceable head, and freezing by depth."""
+from models.build import HEADS, ModelError, build_model, load_pretrained, model_names
+from models.freeze import UNITS, FreezePlan, Layer, apply_unfreeze, layers, set_train_mode
+
+__all__ = [
+    "HEADS", "ModelError", "build_model", "load_pretrained", "model_names",
+    "UNITS", "FreezePlan", "Layer", "apply_unfreeze", "layers", "set_train_mode",
+]

@@ -1,0 +1,107 @@
+"""DALI pipelines: uint8 HWC batches in, normalised NCHW channels_last batches out.
+
+One pipeline definition serves both devices. On CUDA the whole uint8 split lives in GPU memory and
+`fn.external_source` gathers each batch there, so no image crosses PCIe during training; on the CPU
+(`device_id=None`) the same graph runs on DALI's CPU operators.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+AUGMENTS = ("none", "flip-crop")
+PAD = 4  # CIFAR's standard random crop: 4 px of zero padding at the native 32 px resolution
+
+
+class EpochSource:
+    """`external_source` callback: one batch of (images, labels) per call, shuffled per epoch.
+
+    DALI calls it with `BatchInfo`; the permutation depends only on (seed, epoch), because DALI's
+    prefetching asks for the next epoch's first batches before the current epoch has been consumed.
+    Raising StopIteration ends the epoch. Training drops the last partial batch (constant shapes for
+    compiled steps and honest step times); evaluation keeps it so every image is scored once.
+    """
+
+    def __init__(self, images, labels, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.n = len(labels)
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def _order_for(self, epoch: int):
+        if epoch != self._epoch:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                     else np.arange(self.n))
+            if isinstance(self.images, torch.Tensor):
+                order = torch.from_numpy(order).to(self.images.device)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def __call__(self, info):
+        if info.iteration >= len(self):
+            raise StopIteration
+        start = info.iteration * self.batch_size
+        idx = self._order_for(info.epoch_idx)[start:start + self.batch_size]
+        return self.images[idx], self.labels[idx]
+
+
+@pipeline_def
+def image_pipeline(source, *, device: str, train: bool, augment: str, image_size: int, source_size: int,
+                   mean, std, dtype):
+    images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                        device=device, layout=["HWC", ""])
+    mirror = 0
+    if train and augment == "flip-crop":
+        # Pad-and-crop at 32 px (torchvision's RandomCrop(32, padding=4)), before upsampling: cheap.
+        anchor = fn.random.uniform(values=list(range(-PAD, PAD + 1)), shape=[2], dtype=types.INT32)
+        images = fn.slice(images, start=anchor, shape=[source_size, source_size], axis_names="HW",
+                          out_of_bounds_policy="pad", fill_values=0)
+        mirror = fn.random.coin_flip()
+    if image_size != source_size:
+        images = fn.resize(images, size=[image_size, image_size])
+    images = fn.crop_mirror_normalize(
+        images, mirror=mirror, dtype=dtype, output_layout="HWC",
+        mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+    return images, labels
+
+
+class DaliLoader:
+    """Iterates one epoch of (images, labels) per `for` loop: images NCHW channels_last, on `device`.
+
+    DALI hands back HWC tensors; permuting to NCHW is a view whose strides are exactly channels_last,
+    so the network gets its preferred layout without a copy.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
+                 image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
+                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2):
+        if augment not in AUGMENTS:
+            raise ValueError(f"unknown augment {augment!r}; choose from: {', '.join(AUGMENTS)}")
+        on_gpu = device.type == "cuda"
+        if on_gpu:  # the whole uint8 split on the GPU once: CIFAR's 50k images are 150 MB
+            images = torch.from_numpy(images).to(device)
+            labels = torch.from_numpy(labels).to(device)
+        self.source = EpochSource(images, labels, batch_size, shuffle=train, drop_last=train, seed=seed)
+        pipe = image_pipeline(
+            self.source, device="gpu" if on_gpu else "cpu", train=train, augment=augment,
+            image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
+            dtype=types.FLOAT16 if half and on_gpu else types.FLOAT,
+            batch_size=batch_size, num_threads=num_threads,
+            device_id=device.index if on_gpu and device.index is not None else (0 if on_gpu else None),
+            seed=seed, prefetch_queue_depth=prefetch)
+        # auto_reset: the next `for` loop starts the next epoch.
+        self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self):
+        for out in self._iterator:
+            batch = out[0]
+            yield batch["images"].permute(0, 3, 1, 2), batch["labels"]
