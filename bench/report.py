@@ -110,7 +110,7 @@ class LiveProgress:
             self._variant = variant
             self._task = self.progress.add_task(variant.name, total=steps * epochs, rate="")
         if step == 1:
-            self._started, self._images0 = now, 0
+            self._started = now
         if now - self._last < 0.25 and step != steps:
             return  # redraw at most 4 times a second
         self._last = now

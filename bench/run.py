@@ -78,7 +78,8 @@ def num_classes_of(cfg: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    console = Console()
+    # Piped output (CI logs, files) gets rich's 80-column default; the results table needs more.
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     try:
         cfg = parse_config(argv)
         if cfg.list_profiles:
