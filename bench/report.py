@@ -94,7 +94,7 @@ class LiveProgress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                                  transient=False)
-        self.total_variants = total_variants
+        self.total_variants, self._done = total_variants, 0
         self._task, self._variant, self._started, self._last = None, None, 0.0, 0.0
 
     def __enter__(self):
@@ -107,7 +107,7 @@ class LiveProgress:
     def update(self, *, variant, epoch: int, epochs: int, step: int, steps: int, images: int) -> None:
         now = time.perf_counter()
         if variant is not self._variant:
-            self._variant = variant
+            self._variant, self._done = variant, self._done + 1
             self._task = self.progress.add_task(variant.name, total=steps * epochs, rate="")
         if step == 1:
             self._started = now
@@ -116,5 +116,6 @@ class LiveProgress:
         self._last = now
         rate = (images / (now - self._started)) if now > self._started else 0.0
         self.progress.update(self._task, completed=(epoch - 1) * steps + step,
-                             description=f"{variant.name}  epoch {epoch}/{epochs}  step {step}/{steps}",
+                             description=f"[{self._done}/{self.total_variants}] {variant.name}  "
+                                         f"epoch {epoch}/{epochs}  step {step}/{steps}",
                              rate=f"{rate:,.0f} img/s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -81,7 +82,8 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretra
             raise NonFiniteLoss(f"training loss is {stats.loss} in epoch {epoch}")
         # Steady state: the run's first steps (compilation, cuDNN autotuning, allocator growth) are out.
         skip = min(cfg.warmup_steps, len(stats.step_ms) - 1) if stats.first_step else 0
-        first_step_ms = stats.step_ms[0] if stats.first_step else None
+        if stats.first_step:
+            first_step_ms = stats.step_ms[0]
         step_ms += stats.step_ms[skip:]
         wait_s += stats.data_wait_s
         train_wall += stats.wall_s
@@ -128,7 +130,8 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretra
 def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseException) -> dict:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return {**plan_row, "variant": variant.name, "kind": variant.kind, "status": status,
-            "error": f"{type(error).__name__}: {message}"}
+            "error": f"{type(error).__name__}: {message}",
+            "traceback": "".join(traceback.format_exception(error)) if status == "error" else None}
 
 
 def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], data: Dataset, pretrained,

@@ -126,7 +126,9 @@ class Trainer:
                           step_ms=timer.intervals_ms(), data_wait_s=wait,
                           wall_s=time.perf_counter() - start, first_step=first)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: inference tensors would make a compiled forward recompile
+    # for batches created inside and outside the mode (DALI prefetches the first one outside).
+    @torch.no_grad()
     def evaluate(self, loader, num_classes: int) -> EvalStats:
         self.model.eval()
         k = min(5, num_classes)

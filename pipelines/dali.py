@@ -54,6 +54,7 @@ class EpochSource:
 @pipeline_def
 def image_pipeline(source, *, device: str, train: bool, augment: str, image_size: int, source_size: int,
                    mean, std, dtype):
+    # GPU batches come as torch tensors: DALI copies them on torch's current stream, after the gather.
     images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                         device=device, layout=["HWC", ""])
     mirror = 0
