@@ -244,3 +244,10 @@ def test_unknown_augment_raises(synth):
         loader(images, labels, augment="mixup")
     assert "mixup" in str(err.value)
     assert "flip-crop" in str(err.value) and "none" in str(err.value)
+
+
+def test_augmentation_is_reproducible_from_seed(synth):
+    images, labels = synth
+    first = [next(iter(loader(images, labels, train=True, augment="flip-crop", seed=s))) for s in (4, 4, 5)]
+    assert torch.equal(first[0][1], first[1][1]) and torch.equal(first[0][0], first[1][0])
+    assert not torch.equal(first[0][0], first[2][0])
