@@ -49,6 +49,14 @@ def print_profiles(console: Console) -> None:
     console.print(table)
 
 
+def _kind(layer) -> str:
+    """'Conv2d', 'Conv2d+BatchNorm2d' for a shortcut or the stem, 'Bottleneck' for a block or stage."""
+    modules = layer.modules
+    if len(modules) == 1 and isinstance(modules[0], torch.nn.Sequential):
+        modules = tuple(modules[0])
+    return "+".join(dict.fromkeys(type(m).__name__ for m in modules))
+
+
 def print_layers(console: Console, cfg: argparse.Namespace, num_classes: int) -> None:
     model = build_model(cfg.model, num_classes, None, cfg.head)
     table = Table(title=f"{cfg.model} layers with --unit {cfg.unit} (--unfreeze N trains rows 1..N)")
@@ -56,9 +64,7 @@ def print_layers(console: Console, cfg: argparse.Namespace, num_classes: int) ->
         table.add_column(col, justify="right" if col in ("#", "tensors", "params") else "left")
     for i, layer in enumerate(layers(model, cfg.unit), 1):
         params = layer.parameters()
-        kind = "+".join(dict.fromkeys(type(m).__name__ for m in layer.modules[:3] if any(True for _ in m.parameters(recurse=False)))) \
-            or type(layer.modules[0]).__name__
-        table.add_row(str(i), layer.name, kind, str(len(params)), f"{sum(p.numel() for p in params):,}")
+        table.add_row(str(i), layer.name, _kind(layer), str(len(params)), f"{sum(p.numel() for p in params):,}")
     console.print(table)
 
 
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cfg.devices_used = 1
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     started = datetime.now(timezone.utc)
     out = Path(cfg.out or f"runs/{started:%Y%m%dT%H%M%SZ}-{cfg.profile}")
     run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},

@@ -50,7 +50,7 @@ def _module_layers(model: nn.Module) -> list[Layer]:
         if any(name.startswith(p) for p in shortcut_prefixes):
             continue  # inside a shortcut already counted as one layer
         if name.endswith("downsample") and isinstance(module, nn.Sequential):
-            found.append(Layer(name, tuple(module.modules())))
+            found.append(Layer(name, (module,)))
             shortcut_prefixes.append(name + ".")
         elif isinstance(module, _PARAMETERISED):
             found.append(Layer(name, (module,)))

@@ -94,7 +94,7 @@ class DaliLoader:
             image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
             dtype=types.FLOAT16 if half and on_gpu else types.FLOAT,
             batch_size=batch_size, num_threads=num_threads,
-            device_id=device.index if on_gpu and device.index is not None else (0 if on_gpu else None),
+            device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
             seed=seed, prefetch_queue_depth=prefetch)
         # auto_reset: the next `for` loop starts the next epoch.
         self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)

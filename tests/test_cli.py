@@ -71,6 +71,8 @@ def test_list_layers_numbers_from_the_output_end(capsys):
     third = [cell.strip() for cell in lines[2].strip("│").split("│")]
     assert first[:2] == ["1", "fc"] and third[:2] == ["3", "layer4.2.conv3"]
     assert len(lines) == 103  # 53 BN + 49 conv (shortcut convs counted with their BN) + fc
+    tensors = [int(line.strip("│").split("│")[3]) for line in lines]
+    assert sum(tensors) == 161  # every parameter tensor of resnet50 exactly once
 
 
 def test_list_profiles(capsys):
