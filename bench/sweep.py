@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from bench.measure import median, peak_memory, reset_peak_memory
-from bench.train import Trainer, make_optimizer, make_scheduler
+from bench.train import EpochStats, EvalStats, Trainer, make_optimizer, make_scheduler
 from bench.variants import Variant
 from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
 from pipelines import Dataset
@@ -70,7 +70,7 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretra
                       label_smoothing=cfg.label_smoothing)
 
     reset_peak_memory(device)
-    history, step_ms, wait_s, train_wall = [], [], 0.0, 0.0
+    history, epochs_stats = [], []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         set_train_mode(model, plan, cfg.frozen_bn)
@@ -80,50 +80,55 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretra
         stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
         if not math.isfinite(stats.loss):
             raise NonFiniteLoss(f"training loss is {stats.loss} in epoch {epoch}")
-        # Steady state: the run's first steps (compilation, cuDNN autotuning, allocator growth) are out.
-        skip = min(cfg.warmup_steps, len(stats.step_ms) - 1) if stats.first_step else 0
-        if stats.first_step:
-            first_step_ms = stats.step_ms[0]
-        step_ms += stats.step_ms[skip:]
-        wait_s += stats.data_wait_s
-        train_wall += stats.wall_s
         ev = trainer.evaluate(eval_loader, data.num_classes)
+        epochs_stats.append((stats, ev))
         history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
                         "top1": round(ev.top1, 3), "top5": round(ev.top5, 3),
                         "elapsed_s": round(time.perf_counter() - start, 3)})
-        if epoch == 1:
-            first_eval_ms = ev.batch_ms[0] if ev.batch_ms else 0.0
     wall = time.perf_counter() - start
-
-    step_median = median(step_ms)
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    # Evaluation throughput from the last evaluation, its first batch left out as warm-up.
-    timed_eval = ev.batch_ms[1:] if len(ev.batch_ms) > 1 else ev.batch_ms
-    eval_images = ev.images - eval_bs if len(ev.batch_ms) > 1 else ev.images
-    compile_s = 0.0
-    if cfg.compile:  # compilation happens inside the first training step and the first evaluation batch
-        compile_s = max(0.0, first_step_ms - step_median) / 1e3 + \
-            max(0.0, first_eval_ms - (median(timed_eval) or 0.0)) / 1e3
-    gpu_hours = wall * cfg.devices_used / 3600.0
     return {
         **plan_fields(variant, plan),
         "status": "ok",
         "error": None,
-        "images_per_s": round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2),
-        "eval_images_per_s": round(eval_images / (sum(timed_eval) / 1e3), 2) if timed_eval else None,
-        "step_ms_median": round(step_median, 3),
-        "data_wait_pct": round(100.0 * wait_s / train_wall, 2),
+        **summarise(cfg, epochs_stats),
         "peak_mem_bytes": peak_memory(device),
-        "compile_s": round(compile_s, 3),
         "epochs": epochs,
         "steps": trainer.steps_done,
         "top1": round(ev.top1, 3),
         "top5": round(ev.top5, 3),
-        "train_s": round(train_wall, 3),
         "wall_s": round(wall, 3),
-        "gpu_hours": gpu_hours,
-        "acc_per_gpu_hour": round(ev.top1 / gpu_hours, 2),
+        "gpu_hours": wall * cfg.devices_used / 3600.0,
+        "acc_per_gpu_hour": round(ev.top1 / (wall * cfg.devices_used / 3600.0), 2),
         "history": history,
+    }
+
+
+def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]]) -> dict:
+    """Steady-state speed from the per-step times of every epoch.
+
+    The run's first `warmup_steps` steps (compilation, cuDNN autotuning, allocator growth) are left out
+    of images/s and the median; evaluation speed comes from the last evaluation without its first batch.
+    """
+    first, first_eval = epochs[0]
+    skip = min(cfg.warmup_steps, len(first.step_ms) - 1)
+    step_ms = first.step_ms[skip:] + [ms for stats, _ in epochs[1:] for ms in stats.step_ms]
+    step_median = median(step_ms)
+    last_eval = epochs[-1][1]
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    timed_eval = last_eval.batch_ms[1:] if len(last_eval.batch_ms) > 1 else last_eval.batch_ms
+    eval_images = last_eval.images - eval_bs if len(last_eval.batch_ms) > 1 else last_eval.images
+    compile_s = 0.0
+    if cfg.compile:  # compilation happens inside the first training step and the first evaluation batch
+        compile_s = (max(0.0, first.step_ms[0] - step_median)
+                     + max(0.0, first_eval.batch_ms[0] - (median(timed_eval) or 0.0))) / 1e3
+    train_wall = sum(stats.wall_s for stats, _ in epochs)
+    return {
+        "images_per_s": round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2),
+        "eval_images_per_s": round(eval_images / (sum(timed_eval) / 1e3), 2) if timed_eval else None,
+        "step_ms_median": round(step_median, 3),
+        "data_wait_pct": round(100.0 * sum(stats.data_wait_s for stats, _ in epochs) / train_wall, 2),
+        "compile_s": round(compile_s, 3),
+        "train_s": round(train_wall, 3),
     }
 
 

@@ -53,7 +53,6 @@ class EpochStats:
     step_ms: list[float]        # time between consecutive step starts (data wait included)
     data_wait_s: float          # host time blocked on the loader
     wall_s: float
-    first_step: bool = False    # this epoch contains the run's first step (compilation, autotuning)
 
 
 @dataclass
@@ -100,7 +99,6 @@ class Trainer:
         timer = StepTimer(self.device)
         loss_sum = torch.zeros((), device=self.device)
         images_seen, wait, steps = 0, 0.0, 0
-        first = self.steps_done == 0
         synchronize(self.device)
         start = time.perf_counter()
         batches = iter(loader)
@@ -117,14 +115,13 @@ class Trainer:
             steps += 1
             if on_step is not None:
                 on_step(steps, images_seen)
-        if max_steps is not None:
-            for _ in batches:  # let DALI finish its epoch so the next one starts cleanly
-                pass
         timer.mark()
         synchronize(self.device)
+        wall = time.perf_counter() - start
+        for _ in batches:  # a truncated epoch (max_steps): let DALI finish it, outside the timed region
+            pass
         return EpochStats(loss=(loss_sum / max(images_seen, 1)).item(), images=images_seen,
-                          step_ms=timer.intervals_ms(), data_wait_s=wait,
-                          wall_s=time.perf_counter() - start, first_step=first)
+                          step_ms=timer.intervals_ms(), data_wait_s=wait, wall_s=wall)
 
     # no_grad, not inference_mode: inference tensors would make a compiled forward recompile
     # for batches created inside and outside the mode (DALI prefetches the first one outside).

@@ -221,10 +221,10 @@ def test_train_epoch_respects_max_steps_and_next_epoch_is_whole(small_data):
     loader = DaliLoader(images, labels, batch_size=32, train=True, image_size=32, mean=(0.5,) * 3,
                         std=(0.25,) * 3, device=CPU, augment="none")
     stats = trainer.train_epoch(loader, max_steps=3)
-    assert stats.images == 96 and trainer.steps_done == 3 and stats.first_step
+    assert stats.images == 96 and trainer.steps_done == 3 and len(stats.step_ms) == 3
     assert math.isfinite(stats.loss)
     stats = trainer.train_epoch(loader)
-    assert stats.images == 256 and trainer.steps_done == 11 and not stats.first_step
+    assert stats.images == 256 and trainer.steps_done == 11 and len(stats.step_ms) == 8
 
 
 # ----------------------------------------------------------------------------------------------------
