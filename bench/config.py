@@ -13,11 +13,9 @@ from importlib import resources
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from bench.variants import ConfigError
 from models import HEADS, UNITS
-from pipelines import DATASETS
-from pipelines.dali import AUGMENTS
+from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE
 
 DEFAULT_PROFILE = "default"
-LOADERS = ("dali",)  # the torch-GPU and torchvision-CPU loaders join here
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +31,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 
@@ -74,9 +82,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-size", type=positive_int, default=50000, help="synthetic: training images")
     g.add_argument("--num-classes", type=positive_int, default=100, help="synthetic: number of classes")
     g.add_argument("--image-size", type=positive_int, default=224, help="side the 32 px images are resized to")
-    g.add_argument("--augment", default="flip-crop", choices=AUGMENTS, help="training augmentation")
-    g.add_argument("--loader", default="dali", choices=LOADERS, help="input pipeline")
-    g.add_argument("--workers", type=positive_int, default=4, help="DALI CPU threads")
+    g.add_argument("--augment", default="flip-crop", choices=AUGMENTS,
+                   help="training augmentation (flip-crop: pad-4 crop + flip; heavy: seed 003's, with colour and rotation)")
+    g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE), help="mean/std used to normalise")
+    g.add_argument("--loader", default="dali", choices=LOADERS,
+                   help="input pipeline: dali, torch (tensor ops on the device), torchvision (the seeds' CPU DataLoader)")
+    g.add_argument("--eval-split", default="val", choices=EVAL_SPLITS, help="split scored after every epoch")
+    g.add_argument("--final", action="store_true", help="train on train + val and score the test split")
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="report accuracy even when evaluation images also appear in the training split")
+    g.add_argument("--workers", type=non_negative_int, default=4, help="loader CPU threads (DALI) or worker processes (torchvision)")
 
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = cuda when available")

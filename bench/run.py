@@ -18,10 +18,11 @@ from rich.table import Table
 from bench.config import ConfigError, parse_config, profile_names, load_profile
 from bench.measure import environment
 from bench.report import LiveProgress, results_table, write_results
-from bench.sweep import plan_variants, run_sweep
+from bench.loaders import measure_loader
+from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.variants import depth_variants
 from models import ModelError, build_model, layers, load_pretrained
-from pipelines import DataError, load_dataset
+from pipelines import DataError, load_dataset, loader_class, overlap, select_splits
 
 USER_ERRORS = (ConfigError, ModelError, DataError)
 
@@ -101,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(console, cfg, plans, device)
             return 0
         cfg.data_dir = cfg.data_dir or default_data_dir()
+        loader_class(cfg.loader)  # fails here, in one line, when e.g. DALI cannot be imported
         data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
                             num_classes=cfg.num_classes, train_size=cfg.train_size)
-        if len(data.train) < cfg.batch_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training images")
+        train, evaluation = select_splits(data, cfg.eval_split, cfg.final)
+        if len(train) < cfg.batch_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
         pretrained = load_pretrained(cfg.model, cfg.weights)
     except USER_ERRORS as e:
         print(f"bench.run: error: {e}", file=sys.stderr)
@@ -117,30 +120,45 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out or f"runs/{started:%Y%m%dT%H%M%SZ}-{cfg.profile}")
     run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},
                 "out": str(out), "started_utc": started.isoformat(timespec="seconds"),
-                "device_used": str(device), "num_classes": data.num_classes,
-                "train_images": len(data.train), "eval_images": len(data.eval),
+                "device_used": str(device), "num_classes": data.num_classes, "classes": data.classes,
+                "train_images": len(train), "eval_images": len(evaluation),
+                "eval_on": "test" if cfg.final else cfg.eval_split,
                 "variants": [v.name for v in variants], "env": environment(device)}
     rows: list[dict] = []
     write_results(out, run_info, rows)
-    console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(data.train)} train / "
-                  f"{len(data.eval)} eval images) at {cfg.image_size}px on {run_info['env']['device']} "
-                  f"({device.type}), {len(variants)} variants -> {out}")
+    console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
+                  f"{len(evaluation)} {run_info['eval_on']} images) at {cfg.image_size}px on "
+                  f"{run_info['env']['device']} ({device.type}), {len(variants)} variants -> {out}")
+    # The leakage guard: an evaluation image that is also a training image voids the accuracy.
+    leaked = overlap(train, evaluation)
+    withhold = None
+    if leaked:
+        withhold = (f"{leaked} of {len(evaluation)} evaluation images also appear in the training split; "
+                    f"accuracy withheld (--allow-overlap to report it anyway)")
+        console.print(f"[red]leakage guard[/red]: {withhold if not cfg.allow_overlap else withhold.split(';')[0]}")
+        withhold = None if cfg.allow_overlap else withhold
+    run_info["eval_overlap"] = leaked
+    # Input alone, at the run's settings: can the loader keep up with the fastest variant?
+    run_info.update(measure_loader(make_loader(cfg, train, device, train=True), device))
 
     def on_row(row: dict) -> None:
+        row["loader_images_per_s"] = run_info["loader_images_per_s"]
         rows.append(row)
         write_results(out, run_info, rows)
 
     hours = "GPU-h" if device.type == "cuda" else "device-h"
     try:
         with LiveProgress(console, len(variants)) as live:
-            run_sweep(cfg, variants, plans, data, pretrained, device, on_row=on_row, on_progress=live.update)
+            run_sweep(cfg, variants, plans, (train, evaluation), data.num_classes, pretrained, device,
+                      on_row=on_row, on_progress=live.update, withhold=withhold)
     except KeyboardInterrupt:
         console.print(results_table(rows, f"interrupted: {len(rows)}/{len(variants)} variants finished", hours))
         print(f"bench.run: interrupted; finished variants are in {out}/results.json", file=sys.stderr)
         return 130
     console.print(results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
                                       f"{device.type} ({run_info['env']['device']})", hours))
-    console.print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    console.print(f"loader alone: {run_info['loader_images_per_s']:,.0f} img/s ({cfg.loader}); "
+                  f"results: {out / 'results.json'}, {out / 'results.csv'}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

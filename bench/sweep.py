@@ -17,8 +17,7 @@ from bench.measure import median, peak_memory, reset_peak_memory
 from bench.train import EpochStats, EvalStats, Trainer, make_optimizer, make_scheduler
 from bench.variants import Variant
 from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
-from pipelines import Dataset
-from pipelines.dali import DaliLoader
+from pipelines import NORMALIZE, Split, loader_class
 
 
 class NonFiniteLoss(RuntimeError):
@@ -38,25 +37,25 @@ def plan_fields(variant: Variant, plan: FreezePlan) -> dict:
     }
 
 
-def make_loaders(cfg: argparse.Namespace, data: Dataset, device: torch.device) -> tuple[DaliLoader, DaliLoader]:
-    common = dict(image_size=cfg.image_size, mean=data.mean, std=data.std, device=device,
-                  half=cfg.precision != "fp32", num_threads=cfg.workers)
-    train = DaliLoader(data.train.images, data.train.labels, batch_size=cfg.batch_size, train=True,
-                       augment=cfg.augment, seed=cfg.seed, **common)
-    evaluation = DaliLoader(data.eval.images, data.eval.labels, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                            train=False, augment="none", seed=cfg.seed, **common)
-    return train, evaluation
+def make_loader(cfg: argparse.Namespace, split: Split, device: torch.device, *, train: bool):
+    mean, std = NORMALIZE[cfg.normalize]
+    return loader_class(cfg.loader)(
+        split.images, split.labels, batch_size=cfg.batch_size if train else cfg.eval_batch_size or cfg.batch_size,
+        train=train, image_size=cfg.image_size, mean=mean, std=std, device=device,
+        augment=cfg.augment if train else "none", half=cfg.precision != "fp32", seed=cfg.seed,
+        num_threads=cfg.workers)
 
 
-def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretrained, device: torch.device,
-                on_progress: Callable[..., None] | None = None) -> dict:
-    """Train and evaluate one variant; returns its result row (HARNESS.md's per-depth fields)."""
+def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, Split], num_classes: int,
+                pretrained, device: torch.device, on_progress: Callable[..., None] | None = None) -> dict:
+    """Train on `splits[0]`, evaluate on `splits[1]`; returns the result row (HARNESS.md's per-depth fields)."""
     torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
-    model = build_model(cfg.model, data.num_classes, pretrained, cfg.head)
+    model = build_model(cfg.model, num_classes, pretrained, cfg.head)
     plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    train_loader, eval_loader = make_loaders(cfg, data, device)
+    train_loader = make_loader(cfg, splits[0], device, train=True)
+    eval_loader = make_loader(cfg, splits[1], device, train=False)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -80,7 +79,7 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, data: Dataset, pretra
         stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
         if not math.isfinite(stats.loss):
             raise NonFiniteLoss(f"training loss is {stats.loss} in epoch {epoch}")
-        ev = trainer.evaluate(eval_loader, data.num_classes)
+        ev = trainer.evaluate(eval_loader, num_classes)
         epochs_stats.append((stats, ev))
         history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
                         "top1": round(ev.top1, 3), "top5": round(ev.top5, 3),
@@ -139,16 +138,25 @@ def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseExcepti
             "traceback": "".join(traceback.format_exception(error)) if status == "error" else None}
 
 
-def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], data: Dataset, pretrained,
-              device: torch.device, *, on_row: Callable[[dict], None],
-              on_progress: Callable[..., None] | None = None) -> list[dict]:
-    """Runs every variant; `on_row` gets each finished row (and the rows so far are its to write)."""
+def withhold_accuracy(row: dict, reason: str) -> dict:
+    """The leakage guard's verdict: speed stays, accuracy is not reported."""
+    history = [{k: v for k, v in h.items() if k not in ("top1", "top5", "val_loss")} for h in row.get("history", [])]
+    return {**row, "status": "overlap", "error": reason, "top1": None, "top5": None, "acc_per_gpu_hour": None,
+            "history": history}
+
+
+def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], splits: tuple[Split, Split],
+              num_classes: int, pretrained, device: torch.device, *, on_row: Callable[[dict], None],
+              on_progress: Callable[..., None] | None = None, withhold: str | None = None) -> list[dict]:
+    """Runs every variant; `on_row` gets each finished row. `withhold`: why accuracy must not be reported."""
     rows: list[dict] = []
     for variant, plan_row in zip(variants, plans):
         cfg = variant.apply(base)
         progress = (lambda v=variant, **kw: on_progress(variant=v, **kw)) if on_progress else None
         try:
-            row = run_variant(cfg, variant, data, pretrained, device, progress)
+            row = run_variant(cfg, variant, splits, num_classes, pretrained, device, progress)
+            if withhold:
+                row = withhold_accuracy(row, withhold)
         except torch.OutOfMemoryError as e:
             row = failed_row(variant, plan_row, "oom", e)
         except NonFiniteLoss as e:

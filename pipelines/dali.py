@@ -11,9 +11,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-AUGMENTS = ("none", "flip-crop")
-PAD = 4  # CIFAR's standard random crop: 4 px of zero padding at the native 32 px resolution
-
+from pipelines.augment import Augment, augment_spec
 
 class EpochSource:
     """`external_source` callback: one batch of (images, labels) per call, shuffled per epoch.
@@ -51,23 +49,34 @@ class EpochSource:
         return self.images[idx], self.labels[idx]
 
 
+def _uniform(spread: float, centre: float = 0.0):
+    return fn.random.uniform(range=(centre - spread, centre + spread))
+
+
 @pipeline_def
-def image_pipeline(source, *, device: str, train: bool, augment: str, image_size: int, source_size: int,
-                   mean, std, dtype):
+def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype):
+    """`aug` as pipelines.augment documents it, at the source resolution, then resize and normalise."""
     # GPU batches come as torch tensors: DALI copies them on torch's current stream, after the gather.
     images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                         device=device, layout=["HWC", ""])
-    mirror = 0
-    if train and augment == "flip-crop":
-        # Pad-and-crop at 32 px (torchvision's RandomCrop(32, padding=4)), before upsampling: cheap.
-        anchor = fn.random.uniform(values=list(range(-PAD, PAD + 1)), shape=[2], dtype=types.INT32)
+    if aug.pad:  # random crop of the original size from the zero-padded image
+        anchor = fn.random.uniform(values=list(range(-aug.pad, aug.pad + 1)), shape=[2], dtype=types.INT32)
         images = fn.slice(images, start=anchor, shape=[source_size, source_size], axis_names="HW",
                           out_of_bounds_policy="pad", fill_values=0)
-        mirror = fn.random.coin_flip()
+    if aug.brightness or aug.contrast or aug.saturation or aug.hue or aug.grayscale:
+        saturation = _uniform(aug.saturation, 1.0)
+        if aug.grayscale:  # saturation 0 keeps only luma (Y of YIQ): torchvision's grayscale weights
+            grey = fn.random.coin_flip(probability=aug.grayscale, dtype=types.INT32)
+            saturation = saturation * fn.cast(1 - grey, dtype=types.FLOAT)
+        images = fn.color_twist(images, brightness=_uniform(aug.brightness, 1.0),
+                                contrast=_uniform(aug.contrast, 1.0), saturation=saturation,
+                                hue=_uniform(aug.hue * 360.0))  # DALI's hue is in degrees
+    if aug.rotate:
+        images = fn.rotate(images, angle=_uniform(aug.rotate), keep_size=True, fill_value=0)
     if image_size != source_size:
         images = fn.resize(images, size=[image_size, image_size])
     images = fn.crop_mirror_normalize(
-        images, mirror=mirror, dtype=dtype, output_layout="HWC",
+        images, mirror=fn.random.coin_flip() if aug.flip else 0, dtype=dtype, output_layout="HWC",
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
     return images, labels
 
@@ -82,18 +91,18 @@ class DaliLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
                  image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
                  half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2):
-        if augment not in AUGMENTS:
-            raise ValueError(f"unknown augment {augment!r}; choose from: {', '.join(AUGMENTS)}")
+        aug = augment_spec(augment)
+        if not train:
+            aug = augment_spec("none")  # evaluation never augments
         on_gpu = device.type == "cuda"
         if on_gpu:  # the whole uint8 split on the GPU once: CIFAR's 50k images are 150 MB
             images = torch.from_numpy(images).to(device)
             labels = torch.from_numpy(labels).to(device)
         self.source = EpochSource(images, labels, batch_size, shuffle=train, drop_last=train, seed=seed)
         pipe = image_pipeline(
-            self.source, device="gpu" if on_gpu else "cpu", train=train, augment=augment,
-            image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
+            self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
             dtype=types.FLOAT16 if half and on_gpu else types.FLOAT,
-            batch_size=batch_size, num_threads=num_threads,
+            batch_size=batch_size, num_threads=max(1, num_threads),
             device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
             seed=seed, prefetch_queue_depth=prefetch)
         # auto_reset: the next `for` loop starts the next epoch.

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.dali import PAD, DaliLoader
+from pipelines.augment import augment_spec
+from pipelines.dali import DaliLoader
+
+PAD = augment_spec("flip-crop").pad
 from pipelines.synthetic import make_synthetic
 
 CPU = torch.device("cpu")

@@ -1,0 +1,89 @@
+"""`python -m bench.loaders`: images/s of each input loader alone, no model, at the run's settings
+(same flags as `bench.run`). The same measurement gives every run its `loader_images_per_s`, so a
+reader can see whether input keeps up with training."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench.measure import StepTimer, median, synchronize
+from bench.variants import ConfigError
+from pipelines import LOADERS, DataError, Split, load_dataset, select_splits
+
+
+def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmup: int = 3) -> dict:
+    """Steady-state images/s of iterating `loader` (first `warmup` batches left out). Each batch is
+    reduced on the device so that lazy work really happens before the clock stops."""
+    timer = StepTimer(device)
+    sink = torch.zeros((), device=device)
+    images, counted = 0, 0
+    synchronize(device)
+    for i, (x, y) in enumerate(loader):
+        if i >= warmup + max_batches:
+            break
+        timer.mark()
+        sink += x[:, :, 0, 0].float().sum() + y.sum()  # touches every batch without a host sync
+        if i >= warmup:
+            images, counted = images + y.shape[0], counted + 1
+    timer.mark()
+    synchronize(device)
+    intervals = timer.intervals_ms()[warmup:warmup + counted]
+    if not intervals:
+        return {"loader_images_per_s": None, "loader_batch_ms_median": None, "loader_batches": 0}
+    return {"loader_images_per_s": round(images / (sum(intervals) / 1e3), 1),
+            "loader_batch_ms_median": round(median(intervals), 3), "loader_batches": counted}
+
+
+def benchmark(cfg: argparse.Namespace, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
+    from bench.sweep import make_loader  # the sweep's own construction, so the settings are the run's
+    rows = []
+    for name in loaders:
+        loader = make_loader(argparse.Namespace(**{**vars(cfg), "loader": name}), train, device, train=True)
+        rows.append({"loader": name, **measure_loader(loader, device)})
+        del loader
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.config import parse_config
+    from bench.run import USER_ERRORS, default_data_dir, resolve_device
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    try:
+        cfg = parse_config(argv)
+        device = resolve_device(cfg.device)
+        cfg.data_dir = cfg.data_dir or default_data_dir()
+        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
+                            num_classes=cfg.num_classes, train_size=cfg.train_size)
+        train, _ = select_splits(data, cfg.eval_split, cfg.final)
+        if len(train) < cfg.batch_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
+    except USER_ERRORS as e:
+        print(f"bench.loaders: error: {e}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        rows = benchmark(cfg, train, device)
+    except DataError as e:  # e.g. DALI missing: one line, as for bench.run
+        print(f"bench.loaders: error: {e}", file=sys.stderr)
+        return 2
+    table = Table(title=f"loaders alone: {cfg.dataset} train split, batch {cfg.batch_size}, {cfg.image_size}px, "
+                        f"augment {cfg.augment}, {device.type}")
+    for col in ("loader", "images/s", "batch ms (median)", "batches timed", "vs fastest"):
+        table.add_column(col, justify="left" if col == "loader" else "right")
+    best = max((r["loader_images_per_s"] or 0) for r in rows) or 1.0
+    for r in rows:
+        ips = r["loader_images_per_s"]
+        table.add_row(r["loader"], f"{ips:,.0f}" if ips else "-", f"{r['loader_batch_ms_median'] or 0:.2f}",
+                      str(r["loader_batches"]), f"{(ips or 0) / best:.2f}x")
+    console.print(table)
+    console.print(f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
