@@ -1,0 +1,158 @@
+"""Splits, the leakage guard (seed 004's train-as-test mistake) and the data-related bad input."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+import pipelines.cifar
+from bench.run import main
+from pipelines import load_dataset, overlap, select_splits
+from pipelines.data import DataError, Split, stratified_split
+
+
+def test_stratified_split_sizes_balance_and_determinism():
+    labels = np.repeat(np.arange(10), 50)
+    train, val = stratified_split(labels, 100, seed=3)
+    assert len(train) == 400 and len(val) == 100 and not set(train) & set(val)
+    assert np.bincount(labels[val], minlength=10).tolist() == [10] * 10  # every class equally
+    assert np.array_equal(val, stratified_split(labels, 100, seed=3)[1])
+    assert not np.array_equal(val, stratified_split(labels, 100, seed=4)[1])
+
+
+@pytest.mark.parametrize("size", [500, 501, 15])
+def test_val_size_must_fit_and_divide_by_classes(size):
+    with pytest.raises(DataError, match="--val-size"):
+        stratified_split(np.repeat(np.arange(10), 50), size, seed=0)
+
+
+def test_select_splits_val_test_and_final():
+    data = load_dataset("synthetic", num_classes=4, train_size=64, val_size=16, seed=0)
+    assert select_splits(data, "val", final=False) == (data.train, data.val)
+    assert select_splits(data, "test", final=False) == (data.train, data.test)
+    train, evaluation = select_splits(data, "val", final=True)
+    assert len(train) == 80 and evaluation is data.test
+    assert overlap(data.train, data.val) == overlap(data.train, data.test) == 0
+
+
+def test_overlap_counts_shared_images_exactly():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    labels = np.zeros(20, dtype=np.int64)
+    train, held_out = Split(images[:15], labels[:15]), Split(images[12:], labels[12:])
+    assert overlap(train, held_out) == 3
+    nudged = held_out.images.copy()
+    nudged[:, 0, 0, 0] ^= 1  # one bit in one pixel: a different image
+    assert overlap(train, Split(nudged, held_out.labels)) == 0
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar10(root, *, per_batch=20, test_is_train=False):
+    """Real-format CIFAR-10 files; `test_is_train` repeats seed 004's mistake (test set = training files)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    _dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [j % 10 for j in range(per_batch)]}
+        _dump(folder / f"data_batch_{i}", batch)
+        batches.append(batch)
+    test = batches[0] if test_is_train else {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                                             "labels": [j % 10 for j in range(per_batch)]}
+    _dump(folder / "test_batch", test)
+
+
+RUN = ["--profile", "smoke", "--dataset", "cifar10", "--val-size", "20", "--batch-size", "16", "--epochs", "1",
+       "--unfreeze", "1", "--workers", "1"]
+
+
+@pytest.fixture
+def unverified(monkeypatch):
+    # The generated files are real-format but not the official bytes: skip only the md5 comparison.
+    monkeypatch.setattr(pipelines.cifar, "check_integrity", lambda path, md5: True)
+
+
+def test_seed_004_train_as_test_is_caught(tmp_path, unverified):
+    write_cifar10(tmp_path / "data", test_is_train=True)
+    out = tmp_path / "run"
+    assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--eval-split", "test", "--out", str(out)]) == 1
+    result = json.loads((out / "results.json").read_text())
+    row = result["depths"][0]
+    assert row["status"] == "overlap" and "accuracy withheld" in row["error"]
+    assert row["top1"] is None and row["top5"] is None and row["acc_per_gpu_hour"] is None
+    assert all("top1" not in h for h in row["history"])
+    assert row["images_per_s"] > 0  # speed is still measured and reported
+    assert result["run"]["eval_overlap"] > 0
+
+
+def test_allow_overlap_reports_accuracy_anyway(tmp_path, unverified):
+    write_cifar10(tmp_path / "data", test_is_train=True)
+    out = tmp_path / "run"
+    assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--eval-split", "test", "--allow-overlap",
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["depths"][0]
+    assert row["status"] == "ok" and row["top1"] is not None
+
+
+def test_clean_cifar_split_reports_accuracy(tmp_path, unverified):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--final", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["depths"][0]["status"] == "ok" and result["run"]["eval_overlap"] == 0
+    assert result["run"]["train_images"] == 100 and result["run"]["eval_on"] == "test"  # --final: train + val
+    assert result["run"]["classes"][:2] == ["c0", "c1"]
+    assert result["depths"][0]["loader_images_per_s"] > 0
+
+
+def test_offline_cifar_is_one_line(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(pipelines.cifar, "download_and_extract_archive", offline)
+    out = tmp_path / "run"
+    assert main([*RUN, "--data-dir", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cifar-10-python.tar.gz" in err and str(tmp_path / "empty") in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-size", "100"], "--val-size 100"),
+    (["--val-size", "-5"], "expected a positive integer"),
+    (["--augment", "mixup"], "invalid choice: 'mixup'"),
+])
+def test_data_bad_input_exits_2(tmp_path, capsys, unverified, args, message):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    try:
+        code = main([*RUN, "--data-dir", str(tmp_path / "data"), *args, "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unwritable_data_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = tmp_path / "run"
+    assert main([*RUN, "--data-dir", str(blocker / "cifar"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "writable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dali_missing_suggests_torch_loader(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # makes `import pipelines.dali` fail
+    out = tmp_path / "run"
+    assert main(["--profile", "smoke", "--loader", "dali", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "DALI cannot be imported" in err and "--loader torch" in err
+    assert not out.exists()
