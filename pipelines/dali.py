@@ -50,7 +50,8 @@ class EpochSource:
 
 
 def _uniform(spread: float, centre: float = 0.0):
-    return fn.random.uniform(range=(centre - spread, centre + spread))
+    """A per-sample draw from [centre - spread, centre + spread]; the constant itself when spread is 0."""
+    return fn.random.uniform(range=(centre - spread, centre + spread)) if spread else centre
 
 
 @pipeline_def
@@ -71,6 +72,8 @@ def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source
         images = fn.color_twist(images, brightness=_uniform(aug.brightness, 1.0),
                                 contrast=_uniform(aug.contrast, 1.0), saturation=saturation,
                                 hue=_uniform(aug.hue * 360.0))  # DALI's hue is in degrees
+        # (DALI's contrast pivots on mid-grey and its hue turns in YIQ, where the torch loaders pivot on
+        # the image mean and turn in HSV: statistically the same at the heavy preset's strengths.)
     if aug.rotate:
         images = fn.rotate(images, angle=_uniform(aug.rotate), keep_size=True, fill_value=0)
     if image_size != source_size:

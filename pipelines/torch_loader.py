@@ -24,6 +24,7 @@ gives different (equally distributed) draws on the two.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -75,6 +76,12 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 _HUE_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 
 
+@functools.lru_cache(maxsize=None)
+def _hue_select(device: torch.device) -> torch.Tensor:
+    """The table on `device`, built once: no per-batch host-to-device copy."""
+    return torch.tensor(_HUE_SELECT, device=device)
+
+
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Hue rotated by `shift` turns per sample, through HSV (torchvision's algorithm, batched)."""
     r, g, b = x.unbind(1)
@@ -95,7 +102,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
     t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=1)                                    # B, 4, H, W
-    select = torch.tensor(_HUE_SELECT, device=x.device)                          # 3, 6
+    select = _hue_select(x.device)                                               # 3, 6
     index = select[:, sector.long().remainder_(6)].permute(1, 0, 2, 3)           # B, 3, H, W
     return vpqt.gather(1, index)
 

@@ -254,3 +254,15 @@ def test_augmentation_is_reproducible_from_seed(synth):
     first = [next(iter(loader(images, labels, train=True, augment="flip-crop", seed=s))) for s in (4, 4, 5)]
     assert torch.equal(first[0][1], first[1][1]) and torch.equal(first[0][0], first[1][0])
     assert not torch.equal(first[0][0], first[2][0])
+
+
+def test_a_preset_with_a_single_colour_jitter_builds_and_varies(synth, monkeypatch):
+    # DALI's random.uniform rejects an empty range: a zero spread must become a constant, not a draw.
+    from pipelines import augment
+    from pipelines.augment import Augment
+    monkeypatch.setitem(augment.AUGMENT_SPECS, "brightness-only", Augment(brightness=0.3))
+    images, labels = synth
+    same = np.repeat(images[:1], 32, axis=0)
+    x, _ = next(iter(loader(same, labels[:32], train=True, augment="brightness-only")))
+    means = x.float().mean(dim=(1, 2, 3))
+    assert means.std() > 0.01  # per-sample brightness factors differ

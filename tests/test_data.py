@@ -156,3 +156,23 @@ def test_dali_missing_suggests_torch_loader(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "DALI cannot be imported" in err and "--loader torch" in err
     assert not out.exists()
+
+
+def test_loader_benchmark_gives_a_positive_rate_for_each_loader(capsys):
+    import argparse
+
+    import torch
+
+    from bench.config import get_args_parser
+    from bench.loaders import benchmark
+    from bench.loaders import main as loaders_main
+    cfg = get_args_parser().parse_args(["--image-size", "32", "--batch-size", "32", "--workers", "0",
+                                        "--precision", "fp32", "--augment", "flip-crop"])
+    data = load_dataset("synthetic", num_classes=4, train_size=256, val_size=32, seed=0)
+    rows = benchmark(argparse.Namespace(**vars(cfg)), data.train, torch.device("cpu"))
+    assert [r["loader"] for r in rows] == ["dali", "torch", "torchvision"]
+    assert all(r["loader_images_per_s"] > 0 and r["loader_batches"] > 0 for r in rows)
+    # and the command itself prints the table
+    assert loaders_main(["--profile", "smoke", "--train-size", "256", "--val-size", "32", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("dali", "torch", "torchvision")) and "images/s" in out
