@@ -65,6 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan (variants, trainable layers) and exit")
     g.add_argument("--out", default=None, help="output directory (default: runs/<UTC time>-<profile>)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation and splits")
+    g.add_argument("--resume", default=None, metavar="OUT",
+                   help="finish the run in OUT: rerun only its unfinished variants, with the same settings")
+    g.add_argument("--oom", default="fail", choices=("fail", "retry"),
+                   help="on out-of-memory: record the variant as oom, or halve the batch until it fits")
+    g.add_argument("--oom-scale-lr", default=False, action=argparse.BooleanOptionalAction,
+                   help="with --oom retry: scale the learning rate with the batch")
 
     g = p.add_argument_group("model and freezing")
     g.add_argument("--model", default="resnet50", help="any torchvision ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)")
@@ -143,4 +149,11 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**profile)
     cfg = parser.parse_args(argv)
     cfg.profile_description = description
+    # Flags that contradict each other: say which, rather than silently ignore one.
+    if cfg.compile_mode and not cfg.compile:
+        raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
+    if cfg.oom_scale_lr and cfg.oom != "retry":
+        raise ConfigError("--oom-scale-lr needs --oom retry")
+    if cfg.final and "--eval-split" in " ".join(argv) and cfg.eval_split == "val":
+        raise ConfigError("--final scores the test split; drop --eval-split val")
     return cfg

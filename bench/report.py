@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.schema import SCHEMA_VERSION
+
 # (key, header, format) for the terminal table; README.md explains each column.
 COLUMNS = [
     ("unfreeze", "unfreeze", str),
@@ -76,7 +78,8 @@ def _flat(row: dict) -> dict:
 def write_results(out: Path, run: dict, rows: list[dict]) -> None:
     """results.json (`{"run": ..., "depths": [...]}`) and results.csv (one flat row per variant)."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps({"run": run, "depths": rows}, indent=2, default=str) + "\n")
+    doc = {"schema_version": SCHEMA_VERSION, "run": run, "depths": rows}
+    _atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     flat = [_flat(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()

@@ -6,8 +6,11 @@ during the sweep is recorded in its row and the sweep goes on.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.config import ConfigError, parse_config, profile_names, load_profile
+from bench.config import ConfigError, get_args_parser, load_profile, parse_config, profile_names
 from bench.measure import environment
 from bench.report import LiveProgress, results_table, write_results
 from bench.loaders import measure_loader
@@ -80,6 +83,50 @@ def print_plan(console: Console, cfg: argparse.Namespace, plans: list[dict], dev
     console.print(table)
 
 
+# Statuses a resumed run keeps; `error` and `interrupted` variants run again.
+FINISHED = ("ok", "oom", "nan", "overlap")
+# Settings that may differ between a run and its resumption.
+NOT_SETTINGS = {"profile", "profile_description", "out", "resume", "list_profiles", "list_layers", "dry_run",
+                "data_dir"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the same path records the running variant and exits."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
+    """The output directory, checked before anything is written, and the rows a resumed run keeps."""
+    if cfg.resume:
+        out = Path(cfg.resume)
+        if cfg.out and Path(cfg.out) != out:
+            raise ConfigError(f"--resume {out} writes to {out}; drop --out {cfg.out}")
+        try:
+            saved = json.loads((out / "results.json").read_text())
+            saved_run, saved_rows = saved["run"], saved["depths"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--resume {out}: no readable results.json there ({type(e).__name__}: {e})") from None
+        dests = {a.dest for a in get_args_parser()._actions} - NOT_SETTINGS - {"help"}
+        diff = [f"{k}: saved {saved_run.get(k)!r}, now {getattr(cfg, k)!r}"
+                for k in sorted(dests) if saved_run.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError(f"--resume {out}: settings differ from the saved run ({'; '.join(diff)})")
+        return out, [r for r in saved_rows if r.get("status") in FINISHED]
+    out = Path(cfg.out or f"runs/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{cfg.profile}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not empty; finish it with --resume {out}, or choose another")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
+    return out, []
+
+
 def num_classes_of(cfg: argparse.Namespace) -> int:
     return {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
 
@@ -109,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(train) < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
         pretrained = load_pretrained(cfg.model, cfg.weights)
+        out, saved_rows = prepare_out(cfg)
     except USER_ERRORS as e:
         print(f"bench.run: error: {e}", file=sys.stderr)
         return 2
@@ -117,14 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     started = datetime.now(timezone.utc)
-    out = Path(cfg.out or f"runs/{started:%Y%m%dT%H%M%SZ}-{cfg.profile}")
     run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},
                 "out": str(out), "started_utc": started.isoformat(timespec="seconds"),
                 "device_used": str(device), "num_classes": data.num_classes, "classes": data.classes,
                 "train_images": len(train), "eval_images": len(evaluation),
                 "eval_on": "test" if cfg.final else cfg.eval_split,
                 "variants": [v.name for v in variants], "env": environment(device)}
-    rows: list[dict] = []
+    # --resume: keep what finished, run the rest; rows stay in the order of the variants.
+    order = {v.name: i for i, v in enumerate(variants)}
+    rows = sorted((r for r in saved_rows if r["variant"] in order), key=lambda r: order[r["variant"]])
+    todo = [(v, p) for v, p in zip(variants, plans) if v.name not in {r["variant"] for r in rows}]
+    run_info["resumed_rows"] = len(rows)
     write_results(out, run_info, rows)
     console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
                   f"{len(evaluation)} {run_info['eval_on']} images) at {cfg.image_size}px on "
@@ -144,17 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     def on_row(row: dict) -> None:
         row["loader_images_per_s"] = run_info["loader_images_per_s"]
         rows.append(row)
+        rows.sort(key=lambda r: order[r["variant"]])
         write_results(out, run_info, rows)
 
     hours = "GPU-h" if device.type == "cuda" else "device-h"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with LiveProgress(console, len(variants)) as live:
-            run_sweep(cfg, variants, plans, (train, evaluation), data.num_classes, pretrained, device,
-                      on_row=on_row, on_progress=live.update, withhold=withhold)
-    except KeyboardInterrupt:
-        console.print(results_table(rows, f"interrupted: {len(rows)}/{len(variants)} variants finished", hours))
-        print(f"bench.run: interrupted; finished variants are in {out}/results.json", file=sys.stderr)
-        return 130
+        with LiveProgress(console, len(todo)) as live:
+            run_sweep(cfg, [v for v, _ in todo], [p for _, p in todo], (train, evaluation), data.num_classes,
+                      pretrained, device, on_row=on_row, on_progress=live.update, withhold=withhold)
+    except KeyboardInterrupt as e:
+        finished = sum(r["status"] in FINISHED for r in rows)
+        console.print(results_table(rows, f"interrupted: {finished}/{len(variants)} variants finished", hours))
+        print(f"bench.run: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished variants "
+              f"are in {out}/results.json; finish with --resume {out}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
                                       f"{device.type} ({run_info['env']['device']})", hours))
     console.print(f"loader alone: {run_info['loader_images_per_s']:,.0f} img/s ({cfg.loader}); "

@@ -6,6 +6,7 @@ sweep goes on; rows are written after every variant, so nothing finished is ever
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 import traceback
@@ -14,14 +15,10 @@ from collections.abc import Callable
 import torch
 
 from bench.measure import median, peak_memory, reset_peak_memory
-from bench.train import EpochStats, EvalStats, Trainer, make_optimizer, make_scheduler
+from bench.train import EpochStats, EvalStats, NonFiniteLoss, Trainer, make_optimizer, make_scheduler
 from bench.variants import Variant
 from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
 from pipelines import NORMALIZE, Split, loader_class
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def plan_fields(variant: Variant, plan: FreezePlan) -> dict:
@@ -77,8 +74,6 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
                                                           steps=steps_per_epoch, images=images)) \
             if on_progress else None
         stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
-        if not math.isfinite(stats.loss):
-            raise NonFiniteLoss(f"training loss is {stats.loss} in epoch {epoch}")
         ev = trainer.evaluate(eval_loader, num_classes)
         epochs_stats.append((stats, ev))
         history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
@@ -131,10 +126,10 @@ def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]
     }
 
 
-def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseException) -> dict:
+def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseException, **extra) -> dict:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return {**plan_row, "variant": variant.name, "kind": variant.kind, "status": status,
-            "error": f"{type(error).__name__}: {message}",
+            "error": f"{type(error).__name__}: {message}", **extra,
             "traceback": "".join(traceback.format_exception(error)) if status == "error" else None}
 
 
@@ -145,27 +140,62 @@ def withhold_accuracy(row: dict, reason: str) -> dict:
             "history": history}
 
 
+def release_memory(device: torch.device) -> None:
+    """Between variants: nothing of the last model may survive into the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_with_oom_policy(cfg: argparse.Namespace, variant: Variant, plan_row: dict, run, device: torch.device) -> dict:
+    """`run(cfg)` once (`--oom fail`), or with the batch halved after each out-of-memory error until it
+    fits (`--oom retry`, as timm's benchmark does), the learning rate scaled with it if `--oom-scale-lr`."""
+    failed: list[int] = []
+    while True:
+        try:
+            row = run(cfg)
+            return {**row, "batch_size": cfg.batch_size, "lr": cfg.lr, "oom_batch_sizes": failed}
+        except torch.OutOfMemoryError as e:
+            failed.append(cfg.batch_size)
+            message = f"out of memory at batch size {cfg.batch_size}"
+            del e  # its traceback holds the failed variant's tensors
+        release_memory(device)
+        if cfg.oom != "retry" or cfg.batch_size == 1:
+            return failed_row(variant, plan_row, "oom", torch.OutOfMemoryError(message),
+                              batch_size=failed[-1], oom_batch_sizes=failed)
+        half = cfg.batch_size // 2
+        lr = cfg.lr * half / cfg.batch_size if cfg.oom_scale_lr else cfg.lr
+        cfg = argparse.Namespace(**{**vars(cfg), "batch_size": half, "lr": lr})
+
+
 def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], splits: tuple[Split, Split],
               num_classes: int, pretrained, device: torch.device, *, on_row: Callable[[dict], None],
               on_progress: Callable[..., None] | None = None, withhold: str | None = None) -> list[dict]:
-    """Runs every variant; `on_row` gets each finished row. `withhold`: why accuracy must not be reported."""
+    """Runs every variant; `on_row` gets each finished row. `withhold`: why accuracy must not be reported.
+
+    Ctrl-C (or SIGTERM, raised as KeyboardInterrupt) records the running variant as `interrupted`
+    before it propagates, so the files always say what happened to every variant that started."""
     rows: list[dict] = []
     for variant, plan_row in zip(variants, plans):
         cfg = variant.apply(base)
         progress = (lambda v=variant, **kw: on_progress(variant=v, **kw)) if on_progress else None
+
+        def run(c, variant=variant, progress=progress):
+            return run_variant(c, variant, splits, num_classes, pretrained, device, progress)
         try:
-            row = run_variant(cfg, variant, splits, num_classes, pretrained, device, progress)
-            if withhold:
+            row = run_with_oom_policy(cfg, variant, plan_row, run, device)
+            if withhold and row["status"] == "ok":
                 row = withhold_accuracy(row, withhold)
-        except torch.OutOfMemoryError as e:
-            row = failed_row(variant, plan_row, "oom", e)
         except NonFiniteLoss as e:
-            row = failed_row(variant, plan_row, "nan", e)
+            row = failed_row(variant, plan_row, "nan", e, nan_step=e.step)
+        except KeyboardInterrupt as e:
+            row = failed_row(variant, plan_row, "interrupted", e)
+            rows.append(row)
+            on_row(row)
+            raise
         except Exception as e:  # recorded in the row; the sweep goes on with the next variant
             row = failed_row(variant, plan_row, "error", e)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        release_memory(device)
         rows.append(row)
         on_row(row)
     return rows

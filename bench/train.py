@@ -46,6 +46,19 @@ def make_scheduler(name: str, optimizer, *, total_steps: int, steps_per_epoch: i
     raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; `step` is the run's step (1-based) where it first did."""
+
+    def __init__(self, step: int):
+        super().__init__(f"non-finite training loss (nan/inf) at step {step}")
+        self.step = step
+
+
+# How often the step loop looks at the non-finite flag: one host sync per this many steps (the flag
+# itself is kept on the device, so the step that went bad is exact whenever it is read).
+NONFINITE_CHECK_EVERY = 50
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -98,6 +111,7 @@ class Trainer:
         display only and must not synchronise."""
         timer = StepTimer(self.device)
         loss_sum = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # run step of the first nan/inf
         images_seen, wait, steps = 0, 0.0, 0
         synchronize(self.device)
         start = time.perf_counter()
@@ -110,14 +124,20 @@ class Trainer:
                 break
             x, y = batch
             timer.mark()
-            loss_sum += self.step(x, y) * y.shape[0]
+            loss = self.step(x, y)
+            loss_sum += loss * y.shape[0]
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.steps_done, first_bad)
             images_seen += y.shape[0]
             steps += 1
             if on_step is not None:
                 on_step(steps, images_seen)
+            if steps % NONFINITE_CHECK_EVERY == 0 and first_bad.item() >= 0:
+                raise NonFiniteLoss(int(first_bad))
         timer.mark()
         synchronize(self.device)
         wall = time.perf_counter() - start
+        if first_bad.item() >= 0:
+            raise NonFiniteLoss(int(first_bad))
         for _ in batches:  # a truncated epoch (max_steps): let DALI finish it, outside the timed region
             pass
         return EpochStats(loss=(loss_sum / max(images_seen, 1)).item(), images=images_seen,

@@ -1,0 +1,56 @@
+"""The shape of `results.json`, versioned, and a validator the tests run over every file they make.
+
+Bump SCHEMA_VERSION when a field changes meaning or type, so later readers can tell versions apart.
+"""
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "nan", "error", "overlap", "interrupted")
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+# Every row, whatever its status.
+ROW_ALWAYS = {"variant": str, "kind": str, "unfreeze": (int, str), "unit": str, "trainable_params": int,
+              "trainable_tensors": int, "trainable_layers": list, "status": str, "error": (str, type(None))}
+# Rows that trained to the end (ok, overlap).
+ROW_TRAINED = {"images_per_s": _NUM, "eval_images_per_s": _OPT_NUM, "step_ms_median": _NUM, "data_wait_pct": _NUM,
+               "peak_mem_bytes": int, "compile_s": _NUM, "epochs": int, "steps": int, "top1": _OPT_NUM,
+               "top5": _OPT_NUM, "train_s": _NUM, "wall_s": _NUM, "gpu_hours": _NUM, "acc_per_gpu_hour": _OPT_NUM,
+               "batch_size": int, "history": list}
+HISTORY = {"epoch": int, "train_loss": _NUM, "elapsed_s": _NUM}
+RUN = {"model": str, "dataset": str, "batch_size": int, "seed": int, "env": dict, "variants": list}
+ENV = ("python", "torch", "torchvision", "dali", "cuda", "device", "device_count")
+
+
+def _check(obj: dict, fields: dict, where: str) -> list[str]:
+    errors = []
+    for key, types in fields.items():
+        if key not in obj:
+            errors.append(f"{where}: missing {key!r}")
+        elif not isinstance(obj[key], types):
+            errors.append(f"{where}: {key!r} is {type(obj[key]).__name__}")
+    return errors
+
+
+def validate_results(doc: dict) -> list[str]:
+    """Every way `doc` departs from the schema; an empty list means valid."""
+    if not isinstance(doc, dict):
+        return ["results.json: not an object"]
+    errors = [] if doc.get("schema_version") == SCHEMA_VERSION else [f"schema_version is {doc.get('schema_version')!r}"]
+    run, rows = doc.get("run"), doc.get("depths")
+    if not isinstance(run, dict) or not isinstance(rows, list):
+        return errors + ["'run' must be an object and 'depths' a list"]
+    errors += _check(run, RUN, "run")
+    errors += [f"run.env: missing {k!r}" for k in ENV if k not in run.get("env", {})]
+    for i, row in enumerate(rows):
+        where = f"depths[{i}]"
+        errors += _check(row, ROW_ALWAYS, where)
+        if row.get("status") not in STATUSES:
+            errors.append(f"{where}: status {row.get('status')!r} not in {STATUSES}")
+        if row.get("status") in ("ok", "overlap"):
+            errors += _check(row, ROW_TRAINED, where)
+            for j, h in enumerate(row.get("history", [])):
+                errors += _check(h, HISTORY, f"{where}.history[{j}]")
+        if row.get("status") == "ok" and not isinstance(row.get("top1"), _NUM):
+            errors.append(f"{where}: an ok row needs top1")
+    return errors
