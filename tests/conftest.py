@@ -1,5 +1,9 @@
+import json
+
 import pytest
 import torch
+
+from bench.schema import validate_results
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -17,3 +21,13 @@ def _seed():
     # A fixed seed keeps the learnability checks stable.
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _every_results_file_matches_the_schema(request):
+    """After each test that used tmp_path: every results.json it left validates against bench.schema."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    for path in sorted(tmp.rglob("results.json")) if tmp else []:
+        errors = validate_results(json.loads(path.read_text()))
+        assert not errors, f"{path}: {errors[:5]}"

@@ -1,0 +1,228 @@
+"""Faults injected one by one: out of memory, a NaN loss, Ctrl-C, SIGTERM and kill -9 on a real process
+followed by --resume, plus determinism and a fuzzed command line."""
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bench.sweep
+import models
+from bench.run import main
+from bench.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+        "--epochs", "1"]
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def oom_above(limit: int):
+    real = Trainer.step
+
+    def step(self, images, labels):
+        if images.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected for batch {images.shape[0]})")
+        return real(self, images, labels)
+    return step
+
+
+def test_oom_fails_the_variant_with_its_batch_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "step", oom_above(16))
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 1
+    rows = results(out)["depths"]
+    assert [r["status"] for r in rows] == ["oom", "oom"]  # the sweep went on after the first
+    assert rows[0]["batch_size"] == 32 and "batch size 32" in rows[0]["error"]
+
+
+def test_oom_retry_halves_the_batch_until_it_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "step", oom_above(8))
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1", "--oom", "retry", "--oom-scale-lr", "--lr", "0.004",
+                 "--out", str(out)]) == 0
+    row = results(out)["depths"][0]
+    assert row["status"] == "ok" and row["batch_size"] == 8 and row["oom_batch_sizes"] == [32, 16]
+    assert row["lr"] == pytest.approx(0.001)  # scaled with the batch: 0.004 * 8 / 32
+
+
+def test_no_model_survives_into_the_next_variant(tmp_path, monkeypatch):
+    built = []
+    real_build = bench.sweep.build_model
+
+    def tracking_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(bench.sweep, "build_model", tracking_build)
+    monkeypatch.setattr(Trainer, "step", oom_above(16))  # the failing path must release memory too
+    assert main([*TINY, "--unfreeze", "1,3", "--out", str(tmp_path / "run")]) == 1
+    gc.collect()
+    # one model for the plan, one per variant: none may still be alive
+    assert len(built) == 3 and all(ref() is None for ref in built), "a model is still referenced"
+
+
+def test_nan_stops_the_variant_at_the_step_it_happened(tmp_path, monkeypatch):
+    real = Trainer.step
+
+    def step(self, images, labels):
+        loss = real(self, images, labels)
+        return loss * float("nan") if self.steps_done == 3 else loss
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 1
+    rows = results(out)["depths"]
+    assert [r["status"] for r in rows] == ["nan", "nan"] and rows[0]["nan_step"] == 3
+    assert "step 3" in rows[0]["error"]
+
+
+def test_same_seed_same_losses():
+    # Same seed: same data order, augmentation and initialisation. On the CPU the losses agree to
+    # float32 rounding (1e-6 relative); a different seed gives different losses.
+    def losses(seed):
+        out = Path(os.environ["PYTEST_TMP"]) / f"seed{seed}-{time.monotonic_ns()}"
+        assert main([*TINY, "--epochs", "2", "--unfreeze", "3", "--seed", str(seed), "--out", str(out)]) == 0
+        return [h["train_loss"] for h in results(out)["depths"][0]["history"]]
+    first, again, other = losses(1), losses(1), losses(2)
+    assert first == pytest.approx(again, rel=1e-6)
+    assert first != pytest.approx(other, rel=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTEST_TMP", str(tmp_path))
+
+
+def test_existing_out_needs_resume_and_resume_checks_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*TINY, "--unfreeze", "1", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*TINY, "--unfreeze", "1", "--batch-size", "16", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "batch_size: saved 32, now 16" in err and len(err.strip().splitlines()) == 1
+    assert main([*TINY, "--unfreeze", "1", "--resume", str(out)]) == 0  # nothing left to run
+    assert results(out)["run"]["resumed_rows"] == 1
+
+
+def _start(args, out):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bench.run", *args, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(out: Path, n: int, proc, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if len(results(out)["depths"]) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    pytest.fail("the run did not finish a variant in time")
+
+
+SLOW_SWEEP = ["--profile", "smoke", "--train-size", "512", "--val-size", "64", "--batch-size", "32",
+              "--workers", "1", "--epochs", "2", "--unfreeze", "1,3,6,12"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, status", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted"),
+                                               (signal.SIGKILL, -9, None)], ids=["sigint", "sigterm", "kill-9"])
+def test_signal_mid_sweep_then_resume_finishes_only_the_rest(tmp_path, sig, code, status):
+    out = tmp_path / "run"
+    proc = _start(SLOW_SWEEP, out)
+    _wait_for_rows(out, 1, proc)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == code
+    saved = results(out)  # valid JSON whatever the moment
+    finished = [r for r in saved["depths"] if r["status"] == "ok"]
+    assert finished and finished[0]["variant"] == "unfreeze-1"
+    if status:
+        assert saved["depths"][-1]["status"] == status
+    resumed = subprocess.run([sys.executable, "-m", "bench.run", *SLOW_SWEEP, "--resume", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = results(out)["depths"]
+    assert [r["variant"] for r in rows] == ["unfreeze-1", "unfreeze-3", "unfreeze-6", "unfreeze-12"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert rows[0] == {**finished[0]}  # kept as it was, not rerun
+
+
+# Every flag with valid and junk values; hypothesis builds command lines from them.
+JUNK = ["", "-1", "0", "nan", "1e999", "x", "--", "1,,2", "all", "9999999", "☃", "-0.5"]
+FLAGS = {
+    "--model": ["resnet18", "resnet51", "vgg16"], "--weights": ["none", "imagenet", "/nonexistent.pt"],
+    "--head": ["linear", "mlp"], "--unit": ["module", "block", "stage", "neuron"],
+    "--unfreeze": ["1", "1,2", "all", "200", "1,1"], "--frozen-bn": ["eval", "train", "sometimes"],
+    "--dataset": ["synthetic", "cifar10", "mnist"], "--data-dir": ["/proc/nope"],
+    "--val-size": ["64", "63", "100000"], "--train-size": ["128", "16"], "--num-classes": ["4", "1"],
+    "--image-size": ["32", "33"], "--augment": ["none", "flip-crop", "heavy", "mixup"],
+    "--normalize": ["cifar", "imagenet", "zca"], "--loader": ["dali", "torch", "torchvision", "ffcv"],
+    "--eval-split": ["val", "test", "train"], "--workers": ["0", "1"], "--device": ["cpu", "cuda", "tpu"],
+    "--precision": ["fp32", "bf16", "fp8"], "--compile-mode": ["default", "fast"], "--epochs": ["1"],
+    "--steps": ["1", "2"], "--batch-size": ["16", "32", "100000"], "--optimizer": ["sgd", "adam", "lion"],
+    "--lr": ["0.01", "-1"], "--weight-decay": ["0"], "--momentum": ["0.9"], "--scheduler": ["cosine", "step", "none", "linear"],
+    "--step-size": ["1"], "--gamma": ["0.5"], "--label-smoothing": ["0.1"], "--warmup-steps": ["1"],
+    "--oom": ["fail", "retry", "ignore"], "--profile": ["smoke", "default", "nope"], "--seed": ["0", "7"],
+}
+SWITCHES = ["--final", "--allow-overlap", "--compile", "--no-channels-last", "--oom-scale-lr", "--dry-run", "--list-layers"]
+
+
+@st.composite
+def command_lines(draw):
+    argv = ["--profile", "smoke", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--steps", "1",
+            "--workers", "0"]
+    for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=5)):
+        argv += [flag, draw(st.sampled_from(FLAGS[flag] + JUNK))]
+    argv += draw(st.lists(st.sampled_from(SWITCHES), max_size=2, unique=True))
+    return argv
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=command_lines())
+def test_fuzzed_command_lines_never_give_a_traceback(argv, tmp_path_factory, capsys, monkeypatch):
+    # Training itself is not what is fuzzed here: the sweep is replaced by a no-op, and everything
+    # before it (parsing, profiles, models, data, splits, the output directory) runs for real.
+    monkeypatch.setattr("bench.run.run_sweep", lambda *a, **k: [])
+    monkeypatch.setattr("bench.run.measure_loader", lambda *a, **k: {"loader_images_per_s": 1.0})
+    out = tmp_path_factory.mktemp("fuzz") / "out"
+    try:
+        code = main([*argv, "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (0, 2), (argv, code, err)
+    assert "Traceback" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_schema_validator_rejects_what_it_should():
+    from bench.schema import validate_results
+    out = {"schema_version": 1, "run": {"model": "m", "dataset": "d", "batch_size": 1, "seed": 0, "variants": [],
+                                        "env": {k: "" for k in ("python", "torch", "torchvision", "dali", "cuda",
+                                                                "device", "device_count")}}, "depths": []}
+    assert validate_results(out) == []
+    assert validate_results({**out, "schema_version": 0}) == ["schema_version is 0"]
+    bad_row = {"variant": "v", "kind": "depth", "unfreeze": 1, "unit": "module", "trainable_params": 1,
+               "trainable_tensors": 1, "trainable_layers": [], "status": "ok", "error": None}
+    errors = validate_results({**out, "depths": [bad_row]})
+    assert any("missing 'images_per_s'" in e for e in errors) and any("needs top1" in e for e in errors)
+    assert any("status 'weird'" in e for e in validate_results({**out, "depths": [{**bad_row, "status": "weird"}]}))
