@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(v, p) for v, p in zip(variants, plans) if v.name not in {r["variant"] for r in rows}]
     run_info["resumed_rows"] = len(rows)
     write_results(out, run_info, rows)
+    if cfg.resume:
+        console.print(f"resuming {out}: {len(rows)} finished variants kept, {len(todo)} to run")
     console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
                   f"{len(evaluation)} {run_info['eval_on']} images) at {cfg.image_size}px on "
                   f"{run_info['env']['device']} ({device.type}), {len(variants)} variants -> {out}")
