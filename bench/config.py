@@ -34,14 +34,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+def int_in(low: int, high: int):
+    """An argparse type for integers in [low, high]: sizes past `high` would exhaust memory before
+    they could fail more usefully (a 10-million-image synthetic set is 30 GB)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high:,}, got {value:,}")
+        return value
+    return parse
 
 
 def non_negative_float(text: str) -> float:
@@ -84,10 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS), help="dataset")
     g.add_argument("--data-dir", default=None, help="dataset directory (default: ~/.cache/finetune-bench)")
-    g.add_argument("--val-size", type=positive_int, default=10000, help="validation images held out of the training set")
-    g.add_argument("--train-size", type=positive_int, default=50000, help="synthetic: training images")
-    g.add_argument("--num-classes", type=positive_int, default=100, help="synthetic: number of classes")
-    g.add_argument("--image-size", type=positive_int, default=224, help="side the 32 px images are resized to")
+    g.add_argument("--val-size", type=int_in(1, 200_000), default=10000, help="validation images held out of the training set")
+    g.add_argument("--train-size", type=int_in(1, 200_000), default=50000, help="synthetic: training images")
+    g.add_argument("--num-classes", type=int_in(2, 1000), default=100, help="synthetic: number of classes")
+    g.add_argument("--image-size", type=int_in(8, 1024), default=224, help="side the 32 px images are resized to")
     g.add_argument("--augment", default="flip-crop", choices=AUGMENTS,
                    help="training augmentation (flip-crop: pad-4 crop + flip; heavy: seed 003's, with colour and rotation)")
     g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE), help="mean/std used to normalise")
@@ -97,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--final", action="store_true", help="train on train + val and score the test split")
     g.add_argument("--allow-overlap", action="store_true",
                    help="report accuracy even when evaluation images also appear in the training split")
-    g.add_argument("--workers", type=non_negative_int, default=4, help="loader CPU threads (DALI) or worker processes (torchvision)")
+    g.add_argument("--workers", type=int_in(0, 64), default=4, help="loader CPU threads (DALI) or worker processes (torchvision)")
 
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = cuda when available")
@@ -110,8 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=15, help="epochs per variant")
     g.add_argument("--steps", type=positive_int, default=None, help="train this many steps per variant instead of --epochs (throughput runs)")
-    g.add_argument("--batch-size", type=positive_int, default=1024, help="training batch size")
-    g.add_argument("--eval-batch-size", type=positive_int, default=None, help="evaluation batch size (default: --batch-size)")
+    g.add_argument("--batch-size", type=int_in(1, 65536), default=1024, help="training batch size")
+    g.add_argument("--eval-batch-size", type=int_in(1, 65536), default=None, help="evaluation batch size (default: --batch-size)")
     g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=non_negative_float, default=1e-3, help="learning rate")
     g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bench.schema import validate_results
+from pipelines.synthetic import make_synthetic
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -31,3 +32,9 @@ def _every_results_file_matches_the_schema(request):
     for path in sorted(tmp.rglob("results.json")) if tmp else []:
         errors = validate_results(json.loads(path.read_text()))
         assert not errors, f"{path}: {errors[:5]}"
+
+
+@pytest.fixture(scope="module")
+def synth():
+    """100 synthetic CIFAR-shaped images of 10 classes, for the loader tests."""
+    return make_synthetic(100, 10, seed=5)

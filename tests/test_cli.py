@@ -90,8 +90,10 @@ BAD_INPUT = [
     (["--unfreeze", "0"], "malformed --unfreeze"),
     (["--model", "resnet50", "--unfreeze", "1,104"], "resnet50 has 103 layers with --unit module"),
     (["--unit", "stage", "--unfreeze", "7"], "has 6 layers with --unit stage"),
-    (["--batch-size", "0"], "expected a positive integer, got 0"),
-    (["--batch-size", "-8"], "expected a positive integer"),
+    (["--batch-size", "0"], "expected an integer in 1..65,536, got 0"),
+    (["--batch-size", "-8"], "expected an integer in 1..65,536, got -8"),
+    (["--train-size", "9999999"], "expected an integer in 1..200,000, got 9,999,999"),
+    (["--workers", "100000"], "expected an integer in 0..64"),
     (["--epochs", "0"], "expected a positive integer, got 0"),
     (["--batch-size", "4096"], "larger than the 1024 training images"),
 ]

@@ -6,46 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed
 
-from pipelines.augment import augment_spec
 from pipelines.dali import DaliLoader
 
-PAD = augment_spec("flip-crop").pad
-from pipelines.synthetic import make_synthetic
-
-CPU = torch.device("cpu")
-MEAN = (0.5, 0.25, 0.75)
-STD = (0.2, 0.4, 0.1)
 
 
 def loader(images, labels, **kw) -> DaliLoader:
     opts = dict(batch_size=32, train=False, image_size=32, mean=MEAN, std=STD, device=CPU, augment="none")
     opts.update(kw)
     return DaliLoader(images, labels, **opts)
-
-
-def epoch(dl: DaliLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in dl]
-
-
-@pytest.fixture(scope="module")
-def synth():
-    return make_synthetic(100, 10, seed=5)
-
-
-def indexed(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Image i is the constant colour (i, 255 - i, i // 2) and its label is i: batches can be decoded."""
-    assert n <= 256
-    i = np.arange(n)
-    colours = np.stack([i, 255 - i, i // 2], axis=1).astype(np.uint8)
-    images = np.broadcast_to(colours[:, None, None, :], (n, size, size, 3)).copy()
-    return images, i.astype(np.int64)
-
-
-def decode(x: torch.Tensor) -> np.ndarray:
-    """Inverse of the normalisation of channel 0 at the image centre: the image index."""
-    pixel = x[:, 0, x.shape[2] // 2, x.shape[3] // 2] * STD[0] + MEAN[0]
-    return np.rint(pixel.numpy() * 255.0).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------

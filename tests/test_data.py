@@ -124,7 +124,7 @@ def test_offline_cifar_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--val-size", "100"], "--val-size 100"),
-    (["--val-size", "-5"], "expected a positive integer"),
+    (["--val-size", "-5"], "expected an integer in 1..200,000, got -5"),
     (["--augment", "mixup"], "invalid choice: 'mixup'"),
 ])
 def test_data_bad_input_exits_2(tmp_path, capsys, unverified, args, message):

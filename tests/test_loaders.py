@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed, levels
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -17,10 +18,6 @@ from pipelines.synthetic import make_synthetic
 from pipelines.torch_loader import TorchLoader
 from pipelines.torchvision_loader import TorchvisionLoader, build_transform
 
-CPU = torch.device("cpu")
-MEAN = (0.5, 0.25, 0.75)
-STD = (0.2, 0.4, 0.1)
-PAD = AUGMENT_SPECS["flip-crop"].pad
 NEW = {"torch": TorchLoader, "torchvision": TorchvisionLoader}
 
 
@@ -38,41 +35,14 @@ def make(kind: str, images, labels, **kw):
     return cls(images, labels, **opts)
 
 
-def epoch(dl) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in dl]
-
-
 def first(dl) -> torch.Tensor:
     return next(iter(dl))[0]
-
-
-def levels(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """Normalised batch back to grey levels 0..255."""
-    return (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255.0
 
 
 def normalised(images: np.ndarray) -> torch.Tensor:
     """The reference: (x/255 - mean)/std, NCHW."""
     ref = (torch.from_numpy(images).float() / 255.0 - torch.tensor(MEAN)) / torch.tensor(STD)
     return ref.permute(0, 3, 1, 2)
-
-
-@pytest.fixture(scope="module")
-def synth():
-    return make_synthetic(100, 10, seed=5)
-
-
-def indexed(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Image i is the constant colour (i, 255 - i, i // 2) and its label is i: batches can be decoded."""
-    assert n <= 256
-    i = np.arange(n)
-    colours = np.stack([i, 255 - i, i // 2], axis=1).astype(np.uint8)
-    return np.broadcast_to(colours[:, None, None, :], (n, size, size, 3)).copy(), i.astype(np.int64)
-
-
-def decode(x: torch.Tensor) -> np.ndarray:
-    """Channel 0 at the image centre, de-normalised: the image index of an `indexed` batch."""
-    return np.rint(levels(x)[:, 0, x.shape[2] // 2, x.shape[3] // 2].numpy()).astype(np.int64)
 
 
 def textured(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

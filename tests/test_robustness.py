@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bench.sweep
-import models
 from bench.run import main
 from bench.train import Trainer
 
@@ -201,6 +200,7 @@ def test_fuzzed_command_lines_never_give_a_traceback(argv, tmp_path_factory, cap
     # Training itself is not what is fuzzed here: the sweep is replaced by a no-op, and everything
     # before it (parsing, profiles, models, data, splits, the output directory) runs for real.
     monkeypatch.setattr("bench.run.run_sweep", lambda *a, **k: [])
+    monkeypatch.setattr("bench.run.make_loader", lambda *a, **k: None)
     monkeypatch.setattr("bench.run.measure_loader", lambda *a, **k: {"loader_images_per_s": 1.0})
     out = tmp_path_factory.mktemp("fuzz") / "out"
     try:

@@ -1,0 +1,32 @@
+"""Helpers shared by the loader tests (test_dali.py, test_loaders.py)."""
+import numpy as np
+import torch
+
+from pipelines.augment import AUGMENT_SPECS
+
+CPU = torch.device("cpu")
+MEAN = (0.5, 0.25, 0.75)
+STD = (0.2, 0.4, 0.1)
+PAD = AUGMENT_SPECS["flip-crop"].pad
+
+
+def epoch(dl) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in dl]
+
+
+def levels(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """Normalised batch back to grey levels 0..255."""
+    return (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255.0
+
+
+def indexed(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Image i is the constant colour (i, 255 - i, i // 2) and its label is i: batches can be decoded."""
+    assert n <= 256
+    i = np.arange(n)
+    colours = np.stack([i, 255 - i, i // 2], axis=1).astype(np.uint8)
+    return np.broadcast_to(colours[:, None, None, :], (n, size, size, 3)).copy(), i.astype(np.int64)
+
+
+def decode(x: torch.Tensor) -> np.ndarray:
+    """Channel 0 at the image centre, de-normalised: the image index of an `indexed` batch."""
+    return np.rint(levels(x)[:, 0, x.shape[2] // 2, x.shape[3] // 2].numpy()).astype(np.int64)
