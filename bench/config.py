@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-layers", action="store_true", help="print the model's layers numbered from the output end and exit")
     g.add_argument("--dry-run", action="store_true", help="print the plan (variants, trainable layers) and exit")
     g.add_argument("--out", default=None, help="output directory (default: runs/<UTC time>-<profile>)")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation and splits")
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed for initialisation, shuffling, augmentation and splits")
     g.add_argument("--resume", default=None, metavar="OUT",
                    help="finish the run in OUT: rerun only its unfinished variants, with the same settings")
     g.add_argument("--oom", default="fail", choices=("fail", "retry"),
@@ -123,8 +123,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="learning-rate schedule, stepped every step")
     g.add_argument("--step-size", type=positive_int, default=10, help="step scheduler: epochs between decays")
     g.add_argument("--gamma", type=non_negative_float, default=0.1, help="step scheduler: decay factor")
+    g.add_argument("--plateau-patience", type=int_in(0, 1000), default=2,
+                   help="plateau scheduler: epochs without a lower validation loss before the lr is cut by --gamma")
+    g.add_argument("--early-stop", type=int_in(0, 1000), default=0, metavar="PATIENCE",
+                   help="stop a variant after this many epochs without improvement on the validation metric (0: off)")
+    g.add_argument("--early-stop-metric", default="val_loss", choices=("val_loss", "top1"), help="what early stopping watches")
+    g.add_argument("--train-acc", default=False, action=argparse.BooleanOptionalAction,
+                   help="also score the training split after every epoch (seed 000's extra pass; costs one "
+                        "evaluation pass over the training set per epoch, reported as train_acc_s)")
     g.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="cross-entropy label smoothing")
-    g.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the throughput figures")
+    g.add_argument("--warmup-steps", type=int_in(0, 100_000), default=5, help="first steps left out of the throughput figures")
     return p
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from bench.measure import StepTimer, synchronize
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "step", "none")
+SCHEDULERS = ("cosine", "step", "plateau", "none")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,13 +34,17 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentu
 
 
 def make_scheduler(name: str, optimizer, *, total_steps: int, steps_per_epoch: int, step_size: int,
-                   gamma: float):
-    """Stepped once per training step. Cosine anneals over the whole run (the seeds' per-epoch
-    CosineAnnealingLR, at step granularity); `step` multiplies by `gamma` every `step_size` epochs."""
+                   gamma: float, patience: int = 2):
+    """Stepped once per training step, except `plateau`. Cosine anneals over the whole run (the seeds'
+    per-epoch CosineAnnealingLR, at step granularity); `step` multiplies by `gamma` every `step_size`
+    epochs; `plateau` (seed 003's ReduceLROnPlateau) multiplies by `gamma` when the validation loss
+    has not improved for `patience` epochs, and is stepped once per epoch with that loss."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=gamma, patience=patience)
     if name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
@@ -93,7 +97,13 @@ class Trainer:
         # fp16 needs loss scaling; its step() checks for infs on the host, the only sync in the step.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.forward = torch.compile(model, mode=compile_mode) if compile else model
+        self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
+
+    def end_epoch(self, val_loss: float) -> None:
+        """Epoch-level scheduling: ReduceLROnPlateau watches the validation loss."""
+        if not self.per_step_schedule:
+            self.scheduler.step(val_loss)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -102,7 +112,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.per_step_schedule:
+            self.scheduler.step()
         self.steps_done += 1
         return loss.detach()
 

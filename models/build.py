@@ -12,23 +12,25 @@ import torch
 import torchvision
 from torch import nn
 
+from models.heads import HEADS
+from models.simple_cnn import SimpleCNN
+
 
 class ModelError(Exception):
     """A model, weights or head the user asked for cannot be provided; the message is one line."""
 
 
-# Heads take (in_features, num_classes); the seed presets add their MLP and dropout heads here.
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {
-    "linear": lambda in_features, num_classes: nn.Linear(in_features, num_classes),
-}
+# Models defined here rather than in torchvision; none has pretrained weights.
+OWN_MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN}
 
 
 def model_names() -> list[str]:
-    """Every torchvision ResNet-family classifier (resnet*, resnext*, wide_resnet*)."""
-    return sorted(
-        n for n in torchvision.models.list_models(module=torchvision.models)
-        if n.startswith(("resnet", "resnext", "wide_resnet"))
-    )
+    """Every torchvision ResNet-family classifier (resnet*, resnext*, wide_resnet*), and simple_cnn."""
+    return sorted([
+        *(n for n in torchvision.models.list_models(module=torchvision.models)
+          if n.startswith(("resnet", "resnext", "wide_resnet"))),
+        *OWN_MODELS,
+    ])
 
 
 def _check_name(name: str) -> None:
@@ -41,6 +43,8 @@ def load_pretrained(name: str, weights: str) -> Mapping[str, torch.Tensor] | Non
     _check_name(name)
     if weights == "none":
         return None
+    if name in OWN_MODELS:
+        raise ModelError(f"{name} has no pretrained weights; it trains from scratch: use --weights none")
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name).DEFAULT
         try:
@@ -72,7 +76,8 @@ def build_model(name: str, num_classes: int, state: Mapping[str, torch.Tensor] |
         raise ModelError(f"unknown head {head!r}; choose from: {', '.join(HEADS)}")
     # Build with the classifier shape of the saved weights so that loading stays strict.
     out = state["fc.weight"].shape[0] if state is not None else 1000
-    model = torchvision.models.get_model(name, weights=None, num_classes=out)
+    model = OWN_MODELS[name](out) if name in OWN_MODELS else \
+        torchvision.models.get_model(name, weights=None, num_classes=out)
     if state is not None:
         try:
             model.load_state_dict(state)

@@ -94,6 +94,7 @@ BAD_INPUT = [
     (["--batch-size", "-8"], "expected an integer in 1..65,536, got -8"),
     (["--train-size", "9999999"], "expected an integer in 1..200,000, got 9,999,999"),
     (["--workers", "100000"], "expected an integer in 0..64"),
+    (["--seed", "-1"], "expected an integer in 0..4,294,967,295, got -1"),
     (["--epochs", "0"], "expected a positive integer, got 0"),
     (["--batch-size", "4096"], "larger than the 1024 training images"),
 ]
