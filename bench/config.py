@@ -82,6 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default="linear", choices=sorted(HEADS), help="classifier head")
     g.add_argument("--unit", default="module", choices=UNITS, help="what one layer of --unfreeze counts")
     g.add_argument("--unfreeze", default="1,3,6,12,15,25", help="depths to sweep: last N layers trainable, 'all' = every layer")
+    g.add_argument("--approaches", default=None,
+                   help="sweep named approaches instead of depths: shallow (head), deep (layer4 + head), scratch (all, no weights)")
+    g.add_argument("--epoch-budgets", default=None, help="sweep epoch budgets instead of depths, e.g. 20,50,100")
     g.add_argument("--frozen-bn", default="eval", choices=("eval", "train"),
                    help="mode of frozen BatchNorm layers while training (train reproduces seed 000's drifting statistics)")
 
@@ -154,6 +157,7 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     known, _ = parser.parse_known_args(argv)
     profile = load_profile(known.profile) if not known.list_profiles else {}
     description = profile.pop("description", "")
+    variant_specs = profile.pop("variants", None)  # [[variants]] tables: not a flag
     dests = {a.dest for a in parser._actions}
     unknown = sorted(set(profile) - dests)
     if unknown:
@@ -161,6 +165,7 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**profile)
     cfg = parser.parse_args(argv)
     cfg.profile_description = description
+    cfg.variant_specs = None if cfg.approaches or cfg.epoch_budgets else variant_specs
     # Flags that contradict each other: say which, rather than silently ignore one.
     if cfg.compile_mode and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
@@ -169,3 +174,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     if cfg.final and "--eval-split" in " ".join(argv) and cfg.eval_split == "val":
         raise ConfigError("--final scores the test split; drop --eval-split val")
     return cfg
+
+
+def setting_names() -> set[str]:
+    """Every flag's destination: what a profile or a variant may set."""
+    return {a.dest for a in get_args_parser()._actions} - {"help"}

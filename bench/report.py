@@ -21,6 +21,7 @@ from bench.schema import SCHEMA_VERSION
 
 # (key, header, format) for the terminal table; README.md explains each column.
 COLUMNS = [
+    ("variant", "variant", str),
     ("unfreeze", "unfreeze", str),
     ("trainable_params", "trainable", lambda v: f"{v / 1e6:.2f}M"),
     ("status", "status", str),
@@ -41,14 +42,14 @@ def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h
     table = Table(title=title)
     for key, header, _ in COLUMNS:
         header = header.replace("GPU-h", device_hours_label)
-        table.add_column(header, justify="left" if key in ("unfreeze", "status") else "right")
+        table.add_column(header, justify="left" if key in ("variant", "unfreeze", "status") else "right")
     for row in rows:
         cells = []
         for key, _, fmt in COLUMNS:
             value = row.get(key)
             cells.append("-" if value is None else fmt(value))
         if row.get("status") != "ok":
-            cells[2] = f"[red]{row.get('status')}[/red]"
+            cells[3] = f"[red]{row.get('status')}[/red]"
         table.add_row(*cells)
     return table
 

@@ -18,12 +18,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.config import ConfigError, get_args_parser, load_profile, parse_config, profile_names
+from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
 from bench.measure import environment
 from bench.report import LiveProgress, results_table, write_results
 from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
-from bench.variants import depth_variants
+from bench.variants import make_variants
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, overlap, select_splits
 
@@ -72,14 +72,21 @@ def print_layers(console: Console, cfg: argparse.Namespace, num_classes: int) ->
     console.print(table)
 
 
-def print_plan(console: Console, cfg: argparse.Namespace, plans: list[dict], device: torch.device) -> None:
-    table = Table(title=f"plan: {cfg.model} on {cfg.dataset} at {cfg.image_size}px, {device.type}, "
-                        f"{cfg.steps and f'{cfg.steps} steps' or f'{cfg.epochs} epochs'} per variant")
-    for col in ("variant", "unit", "tensors", "trainable params", "share", "deepest trainable layer"):
+def print_plan(console: Console, cfg: argparse.Namespace, variants, plans: list[dict], device: torch.device) -> None:
+    table = Table(title=f"plan ({cfg.profile}): {cfg.dataset}, {cfg.image_size}px, augment {cfg.augment}, "
+                        f"batch {cfg.batch_size}, {cfg.precision}, {device.type}")
+    for col in ("variant", "model", "head", "weights", "unit", "unfreeze", "tensors", "trainable params", "share",
+                "deepest trainable", "training"):
         table.add_column(col)
-    for p in plans:
-        table.add_row(p["variant"], p["unit"], str(p["trainable_tensors"]), f"{p['trainable_params']:,}",
-                      f"{100 * p['trainable_params'] / p['total_params']:.1f}%", p["trainable_layers"][-1])
+    for v, p in zip(variants, plans):
+        c = v.apply(cfg)
+        length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
+        training = f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g}, {c.scheduler}, {length}"
+        if c.early_stop:
+            training += f", early stop {c.early_stop}"
+        table.add_row(p["variant"], c.model, c.head, c.weights, p["unit"], str(p["unfreeze"]),
+                      str(p["trainable_tensors"]), f"{p['trainable_params']:,}",
+                      f"{100 * p['trainable_params'] / p['total_params']:.1f}%", p["trainable_layers"][-1], training)
     console.print(table)
 
 
@@ -109,7 +116,7 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
             saved_run, saved_rows = saved["run"], saved["depths"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--resume {out}: no readable results.json there ({type(e).__name__}: {e})") from None
-        dests = {a.dest for a in get_args_parser()._actions} - NOT_SETTINGS - {"help"}
+        dests = setting_names() - NOT_SETTINGS | {"variant_specs"}
         diff = [f"{k}: saved {saved_run.get(k)!r}, now {getattr(cfg, k)!r}"
                 for k in sorted(dests) if saved_run.get(k) != getattr(cfg, k)]
         if diff:
@@ -143,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             print_layers(console, cfg, num_classes_of(cfg))
             return 0
         device = resolve_device(cfg.device)
-        variants = depth_variants(cfg.unfreeze)
+        variants = make_variants(cfg, setting_names())
         plans = plan_variants(cfg, variants, num_classes_of(cfg))
         if cfg.dry_run:
-            print_plan(console, cfg, plans, device)
+            print_plan(console, cfg, variants, plans, device)
             return 0
         cfg.data_dir = cfg.data_dir or default_data_dir()
         loader_class(cfg.loader)  # fails here, in one line, when e.g. DALI cannot be imported
@@ -155,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         train, evaluation = select_splits(data, cfg.eval_split, cfg.final)
         if len(train) < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
-        pretrained = load_pretrained(cfg.model, cfg.weights)
+        # Every (model, weights) pair the variants use, loaded once, before anything is written.
+        pretrained = {}
+        for v in variants:
+            c = v.apply(cfg)
+            if (c.model, c.weights) not in pretrained:
+                pretrained[c.model, c.weights] = load_pretrained(c.model, c.weights)
         out, saved_rows = prepare_out(cfg)
     except USER_ERRORS as e:
         print(f"bench.run: error: {e}", file=sys.stderr)

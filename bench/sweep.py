@@ -47,7 +47,7 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
                 pretrained, device: torch.device, on_progress: Callable[..., None] | None = None) -> dict:
     """Train on `splits[0]`, evaluate on `splits[1]`; returns the result row (HARNESS.md's per-depth fields)."""
     torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
-    model = build_model(cfg.model, num_classes, pretrained, cfg.head)
+    model = build_model(cfg.model, num_classes, pretrained[cfg.model, cfg.weights], cfg.head)
     plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -233,6 +233,12 @@ def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dic
 
 def plan_variants(base: argparse.Namespace, variants: list[Variant], num_classes: int) -> list[dict]:
     """Freeze plans for every variant, computed before any training so bad depths fail fast."""
-    model = build_model(base.model, num_classes, None, base.head)
-    return [plan_fields(v, apply_unfreeze(model, v.apply(base).unfreeze, v.apply(base).unit, base.model))
-            for v in variants]
+    models: dict[tuple, torch.nn.Module] = {}
+    plans = []
+    for v in variants:
+        cfg = v.apply(base)
+        key = (cfg.model, cfg.head)
+        if key not in models:
+            models[key] = build_model(cfg.model, num_classes, None, cfg.head)
+        plans.append(plan_fields(v, apply_unfreeze(models[key], cfg.unfreeze, cfg.unit, cfg.model)))
+    return plans

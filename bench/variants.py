@@ -43,3 +43,66 @@ def parse_unfreeze(text: str | list) -> list[int | str]:
 
 def depth_variants(text: str | list) -> list[Variant]:
     return [Variant(f"unfreeze-{d}", "depth", {"unfreeze": d}) for d in parse_unfreeze(text)]
+
+
+# Seed 001's three ways: head only; the last stage (layer4) and the head; everything from random weights.
+APPROACHES = {
+    "shallow": {"unit": "block", "unfreeze": 1},
+    "deep": {"unit": "stage", "unfreeze": 2},
+    "scratch": {"weights": "none", "unfreeze": "all"},
+}
+
+
+def _names(text: str | list, what: str) -> list[str]:
+    items = [str(i).strip() for i in (text if isinstance(text, list) else str(text).split(","))]
+    if not items or any(not i for i in items) or len(set(items)) != len(items):
+        raise ConfigError(f"malformed {what} {text!r}: expected a comma-separated list without repeats")
+    return items
+
+
+def approach_variants(text: str | list) -> list[Variant]:
+    names = _names(text, "--approaches")
+    unknown = [n for n in names if n not in APPROACHES]
+    if unknown:
+        raise ConfigError(f"unknown approach {unknown[0]!r}; choose from: {', '.join(APPROACHES)}")
+    return [Variant(n, "approach", dict(APPROACHES[n])) for n in names]
+
+
+def budget_variants(text: str | list) -> list[Variant]:
+    budgets = _names(text, "--epoch-budgets")
+    if not all(b.isdigit() and int(b) > 0 for b in budgets):
+        raise ConfigError(f"malformed --epoch-budgets {text!r}: expected positive integers, e.g. 20,50,100")
+    return [Variant(f"epochs-{b}", "epochs", {"epochs": int(b)}) for b in budgets]
+
+
+def listed_variants(specs: list[dict], settings: set[str]) -> list[Variant]:
+    """A profile's own `[[variants]]` tables: a `name`, an optional `kind`, and settings to override."""
+    variants = []
+    for spec in specs:
+        spec = dict(spec)
+        name, kind = spec.pop("name", None), spec.pop("kind", "named")
+        unknown = sorted(set(spec) - settings)
+        if not name or unknown:
+            raise ConfigError(f"profile variant {name!r}: needs a name and known settings only (unknown: {unknown})")
+        variants.append(Variant(str(name), kind, spec))
+    return variants
+
+
+def make_variants(cfg: argparse.Namespace, settings: set[str]) -> list[Variant]:
+    """The run's variants: a profile's list, else approaches, else epoch budgets, else depths."""
+    if cfg.variant_specs:
+        variants = listed_variants(cfg.variant_specs, settings)
+    elif cfg.approaches:
+        variants = approach_variants(cfg.approaches)
+    elif cfg.epoch_budgets:
+        variants = budget_variants(cfg.epoch_budgets)
+    else:
+        return depth_variants(cfg.unfreeze)
+    # Variants of other kinds train one depth each: their own, or the single one --unfreeze gives.
+    if any("unfreeze" not in v.overrides for v in variants):
+        depths = parse_unfreeze(cfg.unfreeze)
+        if len(depths) != 1:
+            raise ConfigError(f"these variants train one depth each: give a single --unfreeze, not {cfg.unfreeze!r}")
+        variants = [v if "unfreeze" in v.overrides else Variant(v.name, v.kind, {"unfreeze": depths[0], **v.overrides})
+                    for v in variants]
+    return variants

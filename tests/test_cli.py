@@ -59,7 +59,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     for depth, tensors in [(1, 2), (3, 5), (6, 10), (12, 19), (15, 25), (25, 40)]:
         assert f"unfreeze-{depth}" in out
-        assert any(line.split("│")[3].strip() == str(tensors) for line in out.splitlines()
+        assert any(line.split("│")[7].strip() == str(tensors) for line in out.splitlines()
                    if f"unfreeze-{depth} " in line)
     assert not out_dir.exists()
 

@@ -242,7 +242,8 @@ def test_short_training_learns_synthetic_classes():
     ])
     cfg.devices_used = 1
     variant = Variant("unfreeze-all", "depth", {"unfreeze": "all"})
-    row = run_variant(variant.apply(cfg), variant, (data.train, data.val), data.num_classes, None, CPU)
+    row = run_variant(variant.apply(cfg), variant, (data.train, data.val), data.num_classes,
+                      {("resnet18", "none"): None}, CPU)
     assert row["status"] == "ok"
     assert row["epochs"] == 3 and row["steps"] == 3 * (1024 // 64)
     assert row["unfreeze"] == "all"
