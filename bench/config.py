@@ -67,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-profiles", action="store_true", help="list the presets and exit")
     g.add_argument("--list-layers", action="store_true", help="print the model's layers numbered from the output end and exit")
     g.add_argument("--dry-run", action="store_true", help="print the plan (variants, trainable layers) and exit")
+    g.add_argument("--smoke", action="store_true",
+                   help="shrink any profile to a CPU-sized check: synthetic data with the same classes, 32 px, "
+                        "no pretrained weights, 4 steps per variant")
+    g.add_argument("--final-best", default=False, action=argparse.BooleanOptionalAction,
+                   help="after the sweep, retrain the best variant on validation on train + val and score the test split")
     g.add_argument("--out", default=None, help="output directory (default: runs/<UTC time>-<profile>)")
     g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed for initialisation, shuffling, augmentation and splits")
     g.add_argument("--resume", default=None, metavar="OUT",
@@ -166,6 +171,11 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = parser.parse_args(argv)
     cfg.profile_description = description
     cfg.variant_specs = None if cfg.approaches or cfg.epoch_budgets else variant_specs
+    # Which settings the command line gave explicitly: a variant that overrides one would ignore it.
+    cfg.given = sorted(a.dest for a in parser._actions
+                       if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
+    if cfg.smoke:
+        shrink(cfg)
     # Flags that contradict each other: say which, rather than silently ignore one.
     if cfg.compile_mode and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
@@ -179,3 +189,16 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
 def setting_names() -> set[str]:
     """Every flag's destination: what a profile or a variant may set."""
     return {a.dest for a in get_args_parser()._actions} - {"help"}
+
+
+def shrink(cfg: argparse.Namespace) -> None:
+    """--smoke: the same study in miniature, so every preset runs end to end on a CPU in tests."""
+    classes = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
+    cfg.dataset, cfg.num_classes, cfg.weights = "synthetic", classes, "none"
+    cfg.train_size, cfg.val_size, cfg.image_size = max(256, 2 * classes), max(128, classes), 32
+    cfg.steps, cfg.batch_size, cfg.eval_batch_size = 4, min(cfg.batch_size, 32), None
+    cfg.workers, cfg.compile, cfg.compile_mode, cfg.warmup_steps = 1, False, None, 1
+    # variants may set their own sizes or weights: the miniature overrides those too
+    smoke = {"weights": "none", "image_size": 32}
+    cfg.variant_specs = [{**spec, **{k: v for k, v in smoke.items() if k in spec}}
+                         for spec in cfg.variant_specs] if cfg.variant_specs else None

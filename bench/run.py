@@ -23,7 +23,7 @@ from bench.measure import environment
 from bench.report import LiveProgress, results_table, write_results
 from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
-from bench.variants import make_variants
+from bench.variants import Variant, make_variants
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, overlap, select_splits
 
@@ -88,13 +88,15 @@ def print_plan(console: Console, cfg: argparse.Namespace, variants, plans: list[
                       str(p["trainable_tensors"]), f"{p['trainable_params']:,}",
                       f"{100 * p['trainable_params'] / p['total_params']:.1f}%", p["trainable_layers"][-1], training)
     console.print(table)
+    if cfg.final_best:
+        console.print("then: the best variant on validation, retrained on train + val and scored on the test split")
 
 
 # Statuses a resumed run keeps; `error` and `interrupted` variants run again.
 FINISHED = ("ok", "oom", "nan", "overlap")
 # Settings that may differ between a run and its resumption.
 NOT_SETTINGS = {"profile", "profile_description", "out", "resume", "list_profiles", "list_layers", "dry_run",
-                "data_dir"}
+                "data_dir", "given"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -134,13 +136,37 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
     return out, []
 
 
+def leakage_guard(train, evaluation, allow: bool, console: Console) -> tuple[int, str | None]:
+    """Evaluation images that are also training images void the accuracy: (count, reason to withhold)."""
+    leaked = overlap(train, evaluation)
+    if not leaked:
+        return 0, None
+    reason = (f"{leaked} of {len(evaluation)} evaluation images also appear in the training split; "
+              f"accuracy withheld (--allow-overlap to report it anyway)")
+    console.print(f"[red]leakage guard[/red]: {reason.split(';')[0] if allow else reason}")
+    return leaked, None if allow else reason
+
+
+def final_variant(cfg: argparse.Namespace, variants, rows: list[dict]) -> Variant | None:
+    """With --final-best: the best `ok` variant on validation, to retrain with --final; None when there
+    is none, or when a resumed run already has the final row."""
+    if not cfg.final_best or cfg.final or any(r.get("kind") == "final" and r["status"] in FINISHED for r in rows):
+        return None
+    scored = [r for r in rows if r["status"] == "ok" and r.get("kind") != "final"]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: r["top1"])
+    source = next(v for v in variants if v.name == best["variant"])
+    return Variant(f"final-{source.name}", "final", {**source.overrides, "final": True})
+
+
 def num_classes_of(cfg: argparse.Namespace) -> int:
     return {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
     # Piped output (CI logs, files) gets rich's 80-column default; the results table needs more.
-    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = Console() if sys.stdout.isatty() else Console(width=180)
     try:
         cfg = parse_config(argv)
         if cfg.list_profiles:
@@ -185,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                 "variants": [v.name for v in variants], "env": environment(device)}
     # --resume: keep what finished, run the rest; rows stay in the order of the variants.
     order = {v.name: i for i, v in enumerate(variants)}
-    rows = sorted((r for r in saved_rows if r["variant"] in order), key=lambda r: order[r["variant"]])
+
+    def position(row: dict) -> int:  # the --final-best row comes last
+        return order.get(row["variant"], len(order))
+    rows = sorted((r for r in saved_rows if r["variant"] in order or r.get("kind") == "final"), key=position)
     todo = [(v, p) for v, p in zip(variants, plans) if v.name not in {r["variant"] for r in rows}]
     run_info["resumed_rows"] = len(rows)
     write_results(out, run_info, rows)
@@ -194,22 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
                   f"{len(evaluation)} {run_info['eval_on']} images) at {cfg.image_size}px on "
                   f"{run_info['env']['device']} ({device.type}), {len(variants)} variants -> {out}")
-    # The leakage guard: an evaluation image that is also a training image voids the accuracy.
-    leaked = overlap(train, evaluation)
-    withhold = None
-    if leaked:
-        withhold = (f"{leaked} of {len(evaluation)} evaluation images also appear in the training split; "
-                    f"accuracy withheld (--allow-overlap to report it anyway)")
-        console.print(f"[red]leakage guard[/red]: {withhold if not cfg.allow_overlap else withhold.split(';')[0]}")
-        withhold = None if cfg.allow_overlap else withhold
-    run_info["eval_overlap"] = leaked
+    run_info["eval_overlap"], withhold = leakage_guard(train, evaluation, cfg.allow_overlap, console)
     # Input alone, at the run's settings: can the loader keep up with the fastest variant?
     run_info.update(measure_loader(make_loader(cfg, train, device, train=True), device))
 
     def on_row(row: dict) -> None:
         row["loader_images_per_s"] = run_info["loader_images_per_s"]
         rows.append(row)
-        rows.sort(key=lambda r: order[r["variant"]])
+        rows.sort(key=position)
         write_results(out, run_info, rows)
 
     hours = "GPU-h" if device.type == "cuda" else "device-h"
@@ -218,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         with LiveProgress(console, len(todo)) as live:
             run_sweep(cfg, [v for v, _ in todo], [p for _, p in todo], (train, evaluation), data.num_classes,
                       pretrained, device, on_row=on_row, on_progress=live.update, withhold=withhold)
+            final = final_variant(cfg, variants, rows)
+            if final is not None:  # seed 000's last step: the best variant, on train + val, scored on test
+                splits = select_splits(data, cfg.eval_split, final=True)
+                _, final_withhold = leakage_guard(*splits, cfg.allow_overlap, console)
+                run_sweep(cfg, [final], plan_variants(cfg, [final], data.num_classes), splits, data.num_classes,
+                          pretrained, device, on_row=on_row, on_progress=live.update, withhold=final_withhold)
     except KeyboardInterrupt as e:
         finished = sum(r["status"] in FINISHED for r in rows)
         console.print(results_table(rows, f"interrupted: {finished}/{len(variants)} variants finished", hours))

@@ -98,6 +98,12 @@ def make_variants(cfg: argparse.Namespace, settings: set[str]) -> list[Variant]:
         variants = budget_variants(cfg.epoch_budgets)
     else:
         return depth_variants(cfg.unfreeze)
+    # A flag on the command line that every variant overrides would be silently ignored: refuse it.
+    ignored = sorted(set(getattr(cfg, "given", [])).intersection(*(v.overrides.keys() for v in variants)))
+    if ignored:
+        flag = "--" + ignored[0].replace("_", "-")
+        raise ConfigError(f"{flag} cannot be honoured: every variant of this run ({', '.join(v.name for v in variants)}) "
+                          f"sets its own {ignored[0]}")
     # Variants of other kinds train one depth each: their own, or the single one --unfreeze gives.
     if any("unfreeze" not in v.overrides for v in variants):
         depths = parse_unfreeze(cfg.unfreeze)

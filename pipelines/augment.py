@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AUGMENTS = ("none", "flip-crop", "heavy")
+AUGMENTS = ("none", "flip", "flip-crop", "heavy")
 
 # Seed 000 normalised with the CIFAR-10 training statistics; ImageNet weights were trained with these.
 NORMALIZE = {
@@ -32,6 +32,8 @@ class Augment:
 
 AUGMENT_SPECS = {
     "none": Augment(),
+    # seeds 002 and 004: horizontal flip only
+    "flip": Augment(flip=True),
     # CIFAR's standard: torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip
     "flip-crop": Augment(flip=True, pad=4),
     # seed 003: flip, crop with padding, colour jitter, rotation, random grayscale
