@@ -30,3 +30,19 @@ def indexed(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 def decode(x: torch.Tensor) -> np.ndarray:
     """Channel 0 at the image centre, de-normalised: the image index of an `indexed` batch."""
     return np.rint(levels(x)[:, 0, x.shape[2] // 2, x.shape[3] // 2].numpy()).astype(np.int64)
+
+
+def match_flip_shift(out: torch.Tensor, ref: torch.Tensor) -> tuple[int, int, int] | None:
+    """(flip, dy, dx) such that out is ref shifted by (dy, dx) with zero padding, then maybe mirrored."""
+    fill = torch.tensor([(0.0 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
+    size = ref.shape[-1]
+    padded = fill.expand(3, size + 2 * PAD, size + 2 * PAD).clone()
+    padded[:, PAD:PAD + size, PAD:PAD + size] = ref
+    for flip in (0, 1):
+        for dy in range(-PAD, PAD + 1):
+            for dx in range(-PAD, PAD + 1):
+                crop = padded[:, PAD + dy:PAD + dy + size, PAD + dx:PAD + dx + size]
+                if torch.allclose(out, crop.flip(-1) if flip else crop, atol=1e-4):
+                    return flip, dy, dx
+    return None
+

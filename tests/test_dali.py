@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed
+from loader_helpers import CPU, MEAN, STD, decode, epoch, indexed, match_flip_shift
 
 from pipelines.dali import DaliLoader
 
@@ -152,30 +152,13 @@ def test_train_order_depends_on_seed_and_is_reproducible():
 # augmentation
 # ----------------------------------------------------------------------------------------------------
 
-def _match_flip_shift(out: torch.Tensor, ref: torch.Tensor) -> tuple[int, int, int] | None:
-    """(flip, dy, dx) such that out is ref shifted by (dy, dx) with zero padding, then maybe mirrored."""
-    fill = torch.tensor([(0.0 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
-    size = ref.shape[-1]
-    padded = fill.expand(3, size + 2 * PAD, size + 2 * PAD).clone()
-    padded[:, PAD:PAD + size, PAD:PAD + size] = ref
-    for flip in (0, 1):
-        for dy in range(-PAD, PAD + 1):
-            for dx in range(-PAD, PAD + 1):
-                crop = padded[:, PAD + dy:PAD + dy + size, PAD + dx:PAD + dx + size]
-                if flip:
-                    crop = crop.flip(-1)
-                if torch.allclose(out, crop, atol=1e-4):
-                    return flip, dy, dx
-    return None
-
-
 def test_flip_crop_varies_and_is_flip_plus_padded_shift(synth):
     images, labels = synth
     same = np.repeat(images[3:4], 64, axis=0)
     ref = next(iter(loader(images[3:4], labels[3:4], batch_size=1)))[0][0]
     x, _ = next(iter(loader(same, labels[:64], batch_size=64, train=True, augment="flip-crop", seed=3)))
     assert not all(torch.equal(x[0], x[i]) for i in range(1, 64))
-    matches = [_match_flip_shift(x[i], ref) for i in range(64)]
+    matches = [match_flip_shift(x[i], ref) for i in range(64)]
     assert None not in matches, "an output is not a mirrored and/or padded-shifted copy of the input"
     flips = {m[0] for m in matches}
     shifts = {m[1:] for m in matches}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed, levels
+from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed, levels, match_flip_shift
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -150,27 +150,12 @@ def test_normalisation_of_constant_colour(kind, train, size):
 # augmentation: the whole presets
 # ----------------------------------------------------------------------------------------------------
 
-def _match_flip_shift(out: torch.Tensor, ref: torch.Tensor) -> tuple[int, int, int] | None:
-    """(flip, dy, dx) such that out is ref shifted by (dy, dx) with zero padding, then maybe mirrored."""
-    fill = torch.tensor([(0.0 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
-    size = ref.shape[-1]
-    padded = fill.expand(3, size + 2 * PAD, size + 2 * PAD).clone()
-    padded[:, PAD:PAD + size, PAD:PAD + size] = ref
-    for flip in (0, 1):
-        for dy in range(-PAD, PAD + 1):
-            for dx in range(-PAD, PAD + 1):
-                crop = padded[:, PAD + dy:PAD + dy + size, PAD + dx:PAD + dx + size]
-                if torch.allclose(out, crop.flip(-1) if flip else crop, atol=1e-4):
-                    return flip, dy, dx
-    return None
-
-
 @pytest.mark.parametrize("kind", NEW)
 def test_flip_crop_varies_and_is_flip_plus_padded_shift(kind):
     same, labels = textured(64)
     ref = normalised(same[:1])[0]
     x = first(make(kind, same, labels, batch_size=64, train=True, augment="flip-crop", seed=3))
-    matches = [_match_flip_shift(x[i], ref) for i in range(64)]
+    matches = [match_flip_shift(x[i], ref) for i in range(64)]
     assert None not in matches, "an output is not a mirrored and/or padded-shifted copy of the input"
     assert {m[0] for m in matches} == {0, 1}  # some mirrored, some not
     shifts = {m[1:] for m in matches}
@@ -342,7 +327,7 @@ def test_each_augmentation_on_its_own_changes_images_as_specified(kind, field, m
         kept = (out - ref).abs().amax(dim=(1, 2, 3)) < 1e-3
         assert (mirrored ^ kept).all() and 30 < int(mirrored.sum()) < 98
     elif field == "pad":  # padded shifts, never mirrored
-        matches = [_match_flip_shift(xi, normalised(same[:1])[0]) for xi in x[:16]]
+        matches = [match_flip_shift(xi, normalised(same[:1])[0]) for xi in x[:16]]
         assert None not in matches and {m[0] for m in matches} == {0}
     else:
         check(out, ref)
