@@ -13,7 +13,7 @@ from importlib import resources
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from bench.variants import ConfigError
 from models import HEADS, UNITS
-from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE
+from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, num_classes
 
 DEFAULT_PROFILE = "default"
 
@@ -174,6 +174,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     # Which settings the command line gave explicitly: a variant that overrides one would ignore it.
     cfg.given = sorted(a.dest for a in parser._actions
                        if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
+    if cfg.final and "eval_split" in cfg.given and cfg.eval_split == "val":
+        raise ConfigError("--final scores the test split; drop --eval-split val")
     if cfg.smoke:
         shrink(cfg)
     # Flags that contradict each other: say which, rather than silently ignore one.
@@ -181,8 +183,6 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.oom_scale_lr and cfg.oom != "retry":
         raise ConfigError("--oom-scale-lr needs --oom retry")
-    if cfg.final and "--eval-split" in " ".join(argv) and cfg.eval_split == "val":
-        raise ConfigError("--final scores the test split; drop --eval-split val")
     return cfg
 
 
@@ -193,7 +193,7 @@ def setting_names() -> set[str]:
 
 def shrink(cfg: argparse.Namespace) -> None:
     """--smoke: the same study in miniature, so every preset runs end to end on a CPU in tests."""
-    classes = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
+    classes = num_classes(cfg.dataset, cfg.num_classes)
     cfg.dataset, cfg.num_classes, cfg.weights = "synthetic", classes, "none"
     cfg.train_size, cfg.val_size, cfg.image_size = max(256, 2 * classes), max(128, classes), 32
     cfg.steps, cfg.batch_size, cfg.eval_batch_size = 4, min(cfg.batch_size, 32), None

@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.measure import StepTimer, median, synchronize
-from bench.variants import ConfigError
-from pipelines import LOADERS, DataError, Split, load_dataset, select_splits
+from pipelines import LOADERS, DataError, Split
 
 
 def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmup: int = 3) -> dict:
@@ -51,17 +50,12 @@ def benchmark(cfg: argparse.Namespace, train: Split, device: torch.device, loade
 
 def main(argv: list[str] | None = None) -> int:
     from bench.config import parse_config
-    from bench.run import USER_ERRORS, default_data_dir, resolve_device
+    from bench.run import USER_ERRORS, load_splits, resolve_device  # bench.run imports this module
     console = Console() if sys.stdout.isatty() else Console(width=150)
     try:
         cfg = parse_config(argv)
         device = resolve_device(cfg.device)
-        cfg.data_dir = cfg.data_dir or default_data_dir()
-        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
-                            num_classes=cfg.num_classes, train_size=cfg.train_size)
-        train, _ = select_splits(data, cfg.eval_split, cfg.final)
-        if len(train) < cfg.batch_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
+        _, train, _ = load_splits(cfg)
     except USER_ERRORS as e:
         print(f"bench.loaders: error: {e}", file=sys.stderr)
         return 2

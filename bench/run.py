@@ -25,7 +25,7 @@ from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.variants import Variant, make_variants
 from models import ModelError, build_model, layers, load_pretrained
-from pipelines import DataError, load_dataset, loader_class, overlap, select_splits
+from pipelines import DataError, load_dataset, loader_class, num_classes, overlap, select_splits
 
 USER_ERRORS = (ConfigError, ModelError, DataError)
 
@@ -160,8 +160,15 @@ def final_variant(cfg: argparse.Namespace, variants, rows: list[dict]) -> Varian
     return Variant(f"final-{source.name}", "final", {**source.overrides, "final": True})
 
 
-def num_classes_of(cfg: argparse.Namespace) -> int:
-    return {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, cfg.num_classes)
+def load_splits(cfg: argparse.Namespace):
+    """The dataset and the (train, evaluation) splits the run uses; the data directory defaults here."""
+    cfg.data_dir = cfg.data_dir or default_data_dir()
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
+                        num_classes=cfg.num_classes, train_size=cfg.train_size)
+    train, evaluation = select_splits(data, cfg.eval_split, cfg.final)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
+    return data, train, evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,21 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             print_profiles(console)
             return 0
         if cfg.list_layers:
-            print_layers(console, cfg, num_classes_of(cfg))
+            print_layers(console, cfg, num_classes(cfg.dataset, cfg.num_classes))
             return 0
         device = resolve_device(cfg.device)
         variants = make_variants(cfg, setting_names())
-        plans = plan_variants(cfg, variants, num_classes_of(cfg))
+        plans = plan_variants(cfg, variants, num_classes(cfg.dataset, cfg.num_classes))
         if cfg.dry_run:
             print_plan(console, cfg, variants, plans, device)
             return 0
-        cfg.data_dir = cfg.data_dir or default_data_dir()
         loader_class(cfg.loader)  # fails here, in one line, when e.g. DALI cannot be imported
-        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
-                            num_classes=cfg.num_classes, train_size=cfg.train_size)
-        train, evaluation = select_splits(data, cfg.eval_split, cfg.final)
-        if len(train) < cfg.batch_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
+        data, train, evaluation = load_splits(cfg)
         # Every (model, weights) pair the variants use, loaded once, before anything is written.
         pretrained = {}
         for v in variants:

@@ -14,6 +14,12 @@ from pipelines.cifar import DataError, load_cifar
 from pipelines.synthetic import make_synthetic
 
 EVAL_SPLITS = ("val", "test")
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}  # synthetic: --num-classes
+
+
+def num_classes(dataset: str, synthetic_classes: int) -> int:
+    """Classes of `dataset`, known before loading it (plans and listings need no data)."""
+    return CLASS_COUNTS.get(dataset, synthetic_classes)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ BAD_INPUT = [
     (["--train-size", "9999999"], "expected an integer in 1..200,000, got 9,999,999"),
     (["--workers", "100000"], "expected an integer in 0..64"),
     (["--seed", "-1"], "expected an integer in 0..4,294,967,295, got -1"),
+    (["--final", "--eval-split", "val"], "--final scores the test split; drop --eval-split val"),
+    (["--compile-mode", "max-autotune"], "--compile-mode max-autotune needs --compile"),
+    (["--oom-scale-lr"], "--oom-scale-lr needs --oom retry"),
     (["--epochs", "0"], "expected a positive integer, got 0"),
     (["--batch-size", "4096"], "larger than the 1024 training images"),
 ]

@@ -8,6 +8,7 @@ from bench.run import main
 from bench.sweep import EarlyStopping, plan_variants
 from bench.train import EvalStats
 from bench.variants import make_variants
+from pipelines import num_classes
 
 PRESETS = ["seed000-layerwise", "seed001-three-ways", "seed002-cnn-vs-frozen", "seed003-heavy-aug", "seed004-deep-head"]
 
@@ -15,7 +16,7 @@ PRESETS = ["seed000-layerwise", "seed001-three-ways", "seed002-cnn-vs-frozen", "
 def plan(name: str, *flags: str):
     cfg = parse_config(["--profile", name, *flags])
     variants = make_variants(cfg, setting_names())
-    plans = plan_variants(cfg, variants, {"cifar10": 10, "cifar100": 100}[cfg.dataset])
+    plans = plan_variants(cfg, variants, num_classes(cfg.dataset, cfg.num_classes))
     return cfg, variants, plans
 
 
