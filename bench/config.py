@@ -80,6 +80,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="on out-of-memory: record the variant as oom, or halve the batch until it fits")
     g.add_argument("--oom-scale-lr", default=False, action=argparse.BooleanOptionalAction,
                    help="with --oom retry: scale the learning rate with the batch")
+    g.add_argument("--save-checkpoint", default=False, action=argparse.BooleanOptionalAction,
+                   help="keep every variant's trained weights in OUT/checkpoints/ (the best one is always kept)")
+    g.add_argument("--evaluate-best", default=True, action=argparse.BooleanOptionalAction,
+                   help="after the sweep, write the best variant's confusion matrix, classification report and "
+                        "prediction grid to OUT/evaluation/ (as python -m bench.evaluate does)")
+
+    g = p.add_argument_group("profiling")
+    g.add_argument("--trace", default=None, action=argparse.BooleanOptionalAction,
+                   help="record a torch.profiler trace per variant for TensorBoard (default: on for CUDA runs)")
+    g.add_argument("--trace-steps", type=int_in(1, 100), default=3,
+                   help="training steps recorded per variant, after the --warmup-steps and one profiler warm-up step")
+    g.add_argument("--trace-dir", default=None, help="where the traces go (default: OUT/traces)")
 
     g = p.add_argument_group("model and freezing")
     g.add_argument("--model", default="resnet50", help="any torchvision ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)")

@@ -123,3 +123,86 @@ class LiveProgress:
                              description=f"[{self._done}/{self.total_variants}] {variant.name}  "
                                          f"epoch {epoch}/{epochs}  step {step}/{steps}",
                              rate=f"{rate:,.0f} img/s")
+
+
+def trace_table(row: dict, top: int = 5) -> Table | None:
+    """One variant's trace summary: the top operators (kernels on CUDA) by device time, idle share."""
+    summary = row.get("trace")
+    if not summary:
+        return None
+    where = "GPU kernels" if summary["device"] == "cuda" else "CPU operators (self time)"
+    idle = "-" if summary["idle_pct"] is None else f"{summary['idle_pct']:.1f}%"
+    table = Table(title=f"{row['variant']}: top {where} over {summary['steps']} traced steps; "
+                        f"device idle {idle}", title_justify="left")
+    for col in ("operator", "calls", "ms", "% of device time"):
+        table.add_column(col, justify="left" if col == "operator" else "right", overflow="fold")
+    for op in summary["top"][:top]:
+        table.add_row(op["name"][:90], str(op["calls"]), f"{op['total_ms']:.2f}", f"{op['pct']:.1f}")
+    return table
+
+
+def render_text(renderable, width: int = 200) -> str:
+    """A rich renderable as plain text (the saved copy of the terminal table)."""
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def _md_cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: dict | None, out: Path) -> str:
+    """`report.md`: the results table, the plots, the trace summaries with links, the best variant's
+    evaluation. Paths are relative to `out`, so the folder can be moved or zipped whole."""
+    env = run.get("env", {})
+    hours = "GPU-h" if str(run.get("device_used", "")).startswith("cuda") else "device-h"
+    lines = [f"# {run.get('profile')}: {run.get('model')} on {run.get('dataset')}, {run.get('image_size')} px",
+             "",
+             f"{run.get('train_images')} training / {run.get('eval_images')} {run.get('eval_on')} images; "
+             f"{run.get('precision')}, batch {run.get('batch_size')}, loader {run.get('loader')}; "
+             f"{env.get('device')} ({run.get('device_used')}); torch {env.get('torch')}, "
+             f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}; started {run.get('started_utc')}.",
+             "", "## Results", "",
+             "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += [""] + [f"- `{r['variant']}`: {r['status']}: {r.get('error')}" for r in failed]
+    lines += ["", "Full figures: [results.json](results.json), [results.csv](results.csv); "
+                  "the terminal table: [table.txt](table.txt)."]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+    traced = [r for r in rows if r.get("trace")]
+    if traced:
+        lines += ["", "## Profiler traces", "",
+                  "Open them with `tensorboard --logdir " + str(run.get("trace_dir", "traces")) +
+                  "` (PyTorch Profiler tab).", "",
+                  "| variant | traced steps | device idle % | top operator | its share % | layout copies | trace |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in traced:
+            t = r["trace"]
+            top = t["top"][0] if t["top"] else {"name": "-", "pct": 0}
+            try:
+                link = Path(t["file"]).resolve().relative_to(out.resolve()).as_posix()
+            except ValueError:
+                link = t["file"]
+            lines.append(f"| {r['variant']} | {t['steps']} | {t['idle_pct']} | `{_md_cell(top['name'][:60])}` | "
+                         f"{top['pct']} | {t['layout_copies']} | [{Path(t['file']).name}]({link}) |")
+    if evaluation:
+        base = Path(evaluation["dir"]).resolve().relative_to(out.resolve()).as_posix()
+        lines += ["", f"## Evaluation of the best variant: {evaluation.get('variant')}", "",
+                  f"top-1 {evaluation['top1']:.2f}%, top-5 {evaluation['top5']:.2f}% on {evaluation['images']} "
+                  f"{evaluation.get('split')} images. "
+                  f"[classification report]({base}/classification_report.csv)", "",
+                  f"![confusion matrix]({base}/confusion_matrix.png)", "",
+                  f"![predictions]({base}/predictions.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(path, text)

@@ -20,14 +20,18 @@ from rich.table import Table
 
 from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
 from bench.measure import environment
-from bench.report import LiveProgress, results_table, write_results
+from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from bench.evaluate import evaluate_model
+from bench.plots import write_plots
+from bench.report import LiveProgress, markdown_report, render_text, results_table, trace_table, write_results, write_text
+from bench.trace import TraceError, check_writable
 from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.variants import Variant, make_variants
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, num_classes, overlap, select_splits
 
-USER_ERRORS = (ConfigError, ModelError, DataError)
+USER_ERRORS = (ConfigError, ModelError, DataError, TraceError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,7 +100,7 @@ def print_plan(console: Console, cfg: argparse.Namespace, variants, plans: list[
 FINISHED = ("ok", "oom", "nan", "overlap")
 # Settings that may differ between a run and its resumption.
 NOT_SETTINGS = {"profile", "profile_description", "out", "resume", "list_profiles", "list_layers", "dry_run",
-                "data_dir", "given"}
+                "data_dir", "given", "trace", "trace_dir", "trace_steps", "save_checkpoint", "evaluate_best"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -197,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             if (c.model, c.weights) not in pretrained:
                 pretrained[c.model, c.weights] = load_pretrained(c.model, c.weights)
         out, saved_rows = prepare_out(cfg)
+        cfg.trace = device.type == "cuda" if cfg.trace is None else cfg.trace
+        cfg.trace_dir = cfg.trace_dir or str(out / "traces")
+        if cfg.trace:
+            check_writable(Path(cfg.trace_dir))
     except USER_ERRORS as e:
         print(f"bench.run: error: {e}", file=sys.stderr)
         return 2
@@ -235,18 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=position)
         write_results(out, run_info, rows)
 
+    checkpoints = Checkpoints(out / "checkpoints", cfg.save_checkpoint, data.classes, rows)
     hours = "GPU-h" if device.type == "cuda" else "device-h"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with LiveProgress(console, len(todo)) as live:
             run_sweep(cfg, [v for v, _ in todo], [p for _, p in todo], (train, evaluation), data.num_classes,
-                      pretrained, device, on_row=on_row, on_progress=live.update, withhold=withhold)
+                      pretrained, device, on_row=on_row, on_progress=live.update, withhold=withhold,
+                      on_trained=checkpoints.on_trained)
             final = final_variant(cfg, variants, rows)
             if final is not None:  # seed 000's last step: the best variant, on train + val, scored on test
                 splits = select_splits(data, cfg.eval_split, final=True)
                 _, final_withhold = leakage_guard(*splits, cfg.allow_overlap, console)
                 run_sweep(cfg, [final], plan_variants(cfg, [final], data.num_classes), splits, data.num_classes,
-                          pretrained, device, on_row=on_row, on_progress=live.update, withhold=final_withhold)
+                          pretrained, device, on_row=on_row, on_progress=live.update, withhold=final_withhold,
+                          on_trained=checkpoints.on_trained)
     except KeyboardInterrupt as e:
         finished = sum(r["status"] in FINISHED for r in rows)
         console.print(results_table(rows, f"interrupted: {finished}/{len(variants)} variants finished", hours))
@@ -255,11 +266,72 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    console.print(results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
-                                      f"{device.type} ({run_info['env']['device']})", hours))
+    table = results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
+                                f"{device.type} ({run_info['env']['device']})", hours)
+    console.print(table)
     console.print(f"loader alone: {run_info['loader_images_per_s']:,.0f} img/s ({cfg.loader}); "
                   f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    write_artifacts(console, cfg, out, run_info, rows, table, data, checkpoints.best_path, device)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+class Checkpoints:
+    """`checkpoints/best.pt`: the best variant so far (the --final-best row beats any validation row);
+    with --save-checkpoint also `checkpoints/<variant>.pt` for every variant."""
+
+    def __init__(self, folder: Path, keep_all: bool, classes: list[str], saved_rows: list[dict]):
+        self.folder, self.keep_all, self.classes = folder, keep_all, classes
+        self.best_path = folder / "best.pt"
+        # a resumed run's best.pt belongs to the best of its kept rows
+        self.best = max((_rank(r) for r in saved_rows if r.get("status") == "ok"), default=None)
+
+    def on_trained(self, model, row: dict, cfg: argparse.Namespace) -> None:
+        settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS | {"variant_specs"}}
+        if self.keep_all:
+            save_checkpoint(self.folder / f"{row['variant']}.pt", model, settings=settings, row=row,
+                            classes=self.classes)
+        if self.best is None or _rank(row) > self.best:
+            self.best = _rank(row)
+            save_checkpoint(self.best_path, model, settings=settings, row=row, classes=self.classes)
+
+
+def _rank(row: dict) -> tuple:
+    return (row.get("kind") == "final", row.get("top1") or 0.0)
+
+
+def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_info: dict, rows: list[dict],
+                    table, data, best_path: Path, device: torch.device) -> None:
+    """Everything made from the finished results: trace summaries, plots, the best variant's evaluation,
+    report.md and table.txt. A failure here is a warning: results.json is already complete."""
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # the results are written; say what is missing and go on
+            console.print(f"[yellow]warning[/yellow]: {what} failed ({type(e).__name__}: {e})")
+            return None
+
+    for row in rows:
+        traced = trace_table(row)
+        if traced is not None:
+            console.print(traced)
+    plots = attempt("plots", lambda: write_plots(out, run_info, rows)) or []
+    evaluation = None
+    if cfg.evaluate_best and best_path.exists():
+        evaluation = attempt("evaluating the best variant", lambda: evaluate_best(console, out, best_path, data, device))
+    write_text(out / "table.txt", render_text(table))
+    write_text(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
+    console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {cfg.trace_dir}"
+                                                     if any(r.get("trace") for r in rows) else ""))
+
+
+def evaluate_best(console: Console, out: Path, best_path: Path, data, device: torch.device) -> dict:
+    checkpoint = load_checkpoint(best_path)
+    c = argparse.Namespace(**checkpoint["settings"])
+    _, split = select_splits(data, c.eval_split, c.final)
+    model = build_from_checkpoint(checkpoint)
+    folder = out / "evaluation" / checkpoint["row"]["variant"]
+    result = evaluate_model(model, c, split, data.classes, folder, device)
+    return {**result, "dir": str(folder), "variant": checkpoint["row"]["variant"]}
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ sweep goes on; rows are written after every variant, so nothing finished is ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from bench.measure import median, peak_memory, reset_peak_memory
+from bench.trace import VariantTrace, plan_window, summarise_trace
 from bench.train import EpochStats, EvalStats, NonFiniteLoss, Trainer, make_optimizer, make_scheduler
 from bench.variants import Variant
 from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
@@ -44,8 +47,10 @@ def make_loader(cfg: argparse.Namespace, split: Split, device: torch.device, *, 
 
 
 def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, Split], num_classes: int,
-                pretrained, device: torch.device, on_progress: Callable[..., None] | None = None) -> dict:
-    """Train on `splits[0]`, evaluate on `splits[1]`; returns the result row (HARNESS.md's per-depth fields)."""
+                pretrained, device: torch.device, on_progress: Callable[..., None] | None = None,
+                on_trained: Callable[[torch.nn.Module, dict, argparse.Namespace], None] | None = None) -> dict:
+    """Train on `splits[0]`, evaluate on `splits[1]`; returns the result row (HARNESS.md's per-depth fields).
+    `on_trained(model, row, cfg)` sees the trained model before it is released (checkpoints)."""
     torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
     model = build_model(cfg.model, num_classes, pretrained[cfg.model, cfg.weights], cfg.head)
     plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
@@ -69,34 +74,41 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     train_eval_loader = make_loader(cfg, splits[0], device, train=False) if cfg.train_acc else None
     stopper = EarlyStopping(cfg.early_stop, cfg.early_stop_metric)
 
+    window = plan_window(total_steps, cfg.warmup_steps, cfg.trace_steps) if cfg.trace else None
+    tracer = VariantTrace(Path(cfg.trace_dir) / variant.name, window, device) if window else None
+
     reset_peak_memory(device)
     history, epochs_stats, train_acc_s = [], [], 0.0
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        set_train_mode(model, plan, cfg.frozen_bn)
-        tick = (lambda step, images, e=epoch: on_progress(epoch=e, epochs=epochs, step=step,
-                                                          steps=steps_per_epoch, images=images)) \
-            if on_progress else None
-        stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
-        ev = trainer.evaluate(eval_loader, num_classes)
-        trainer.end_epoch(ev.loss)
-        epochs_stats.append((stats, ev))
-        history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
-                        "top1": round(ev.top1, 3), "top5": round(ev.top5, 3),
-                        "lr": trainer.optimizer.param_groups[0]["lr"]})
-        if train_eval_loader is not None:
-            on_train = trainer.evaluate(train_eval_loader, num_classes)
-            history[-1]["train_top1"] = round(on_train.top1, 3)
-            train_acc_s += on_train.wall_s
-        history[-1]["elapsed_s"] = round(time.perf_counter() - start, 3)
-        if stopper.should_stop(ev):
-            break
+    with tracer or contextlib.nullcontext():
+        for epoch in range(1, epochs + 1):
+            set_train_mode(model, plan, cfg.frozen_bn)
+
+            def tick(step, images, epoch=epoch):
+                if tracer is not None:
+                    tracer.step()
+                if on_progress is not None:
+                    on_progress(epoch=epoch, epochs=epochs, step=step, steps=steps_per_epoch, images=images)
+            stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
+            ev = trainer.evaluate(eval_loader, num_classes)
+            trainer.end_epoch(ev.loss)
+            epochs_stats.append((stats, ev))
+            history.append({"epoch": epoch, "train_loss": round(stats.loss, 5), "val_loss": round(ev.loss, 5),
+                            "top1": round(ev.top1, 3), "top5": round(ev.top5, 3),
+                            "lr": trainer.optimizer.param_groups[0]["lr"]})
+            if train_eval_loader is not None:
+                on_train = trainer.evaluate(train_eval_loader, num_classes)
+                history[-1]["train_top1"] = round(on_train.top1, 3)
+                train_acc_s += on_train.wall_s
+            history[-1]["elapsed_s"] = round(time.perf_counter() - start, 3)
+            if stopper.should_stop(ev):
+                break
     wall = time.perf_counter() - start
-    return {
+    row = {
         **plan_fields(variant, plan),
         "status": "ok",
         "error": None,
-        **summarise(cfg, epochs_stats),
+        **summarise(cfg, epochs_stats, exclude=window.steps if window else range(0)),
         "peak_mem_bytes": peak_memory(device),
         "epochs": len(history),
         "steps": trainer.steps_done,
@@ -109,6 +121,12 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
         "acc_per_gpu_hour": round(ev.top1 / (wall * cfg.devices_used / 3600.0), 2),
         "history": history,
     }
+    if tracer is not None:
+        row["trace_export_s"] = round(tracer.export_s, 3)
+        row["trace"] = summarise_trace(tracer.run_dir)
+    if on_trained is not None:
+        on_trained(model, row, cfg)
+    return row
 
 
 class EarlyStopping:
@@ -127,15 +145,17 @@ class EarlyStopping:
         return 0 < self.patience <= self.stale
 
 
-def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]]) -> dict:
+def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]], exclude: range = range(0)) -> dict:
     """Steady-state speed from the per-step times of every epoch.
 
-    The run's first `warmup_steps` steps (compilation, cuDNN autotuning, allocator growth) are left out
-    of images/s and the median; evaluation speed comes from the last evaluation without its first batch.
+    The run's first `warmup_steps` steps (compilation, cuDNN autotuning, allocator growth) and the
+    `exclude` steps (the profiler's window) are left out of images/s and the median; evaluation speed
+    comes from the last evaluation without its first batch.
     """
     first, first_eval = epochs[0]
+    all_ms = [ms for stats, _ in epochs for ms in stats.step_ms]
     skip = min(cfg.warmup_steps, len(first.step_ms) - 1)
-    step_ms = first.step_ms[skip:] + [ms for stats, _ in epochs[1:] for ms in stats.step_ms]
+    step_ms = [ms for i, ms in enumerate(all_ms) if i >= skip and i not in exclude] or all_ms[skip:]
     step_median = median(step_ms)
     last_eval = epochs[-1][1]
     eval_bs = cfg.eval_batch_size or cfg.batch_size
@@ -200,7 +220,8 @@ def run_with_oom_policy(cfg: argparse.Namespace, variant: Variant, plan_row: dic
 
 def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dict], splits: tuple[Split, Split],
               num_classes: int, pretrained, device: torch.device, *, on_row: Callable[[dict], None],
-              on_progress: Callable[..., None] | None = None, withhold: str | None = None) -> list[dict]:
+              on_progress: Callable[..., None] | None = None, withhold: str | None = None,
+              on_trained: Callable[[torch.nn.Module, dict, argparse.Namespace], None] | None = None) -> list[dict]:
     """Runs every variant; `on_row` gets each finished row. `withhold`: why accuracy must not be reported.
 
     Ctrl-C (or SIGTERM, raised as KeyboardInterrupt) records the running variant as `interrupted`
@@ -211,7 +232,8 @@ def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dic
         progress = (lambda v=variant, **kw: on_progress(variant=v, **kw)) if on_progress else None
 
         def run(c, variant=variant, progress=progress):
-            return run_variant(c, variant, splits, num_classes, pretrained, device, progress)
+            return run_variant(c, variant, splits, num_classes, pretrained, device, progress,
+                               None if withhold else on_trained)
         try:
             row = run_with_oom_policy(cfg, variant, plan_row, run, device)
             if withhold and row["status"] == "ok":

@@ -1,0 +1,164 @@
+"""Checkpoints: a trained variant's weights plus what is needed to rebuild and re-score it.
+
+A checkpoint is one `torch.save` file holding a plain dict (only dicts, lists, strings, numbers and
+CPU tensors, so `torch.load(..., weights_only=True)` reads it without unpickling arbitrary objects):
+
+    {"format": "finetune-bench-checkpoint", "version": 1,
+     "state_dict": {name: tensor},   # the bare model's (a torch.compile wrapper is unwrapped)
+     "settings": {...},              # the run's settings (JSON-able values only): model, head, dataset...
+     "row": {...},                   # the variant's identifying and accuracy fields of its result row
+     "classes": [names],             # what each output index means
+     "torch": "2.x"}
+
+`python -m bench.evaluate CHECKPOINT` rebuilds the model and its evaluation split from this alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import ModelError, build_model
+
+FORMAT = "finetune-bench-checkpoint"
+VERSION = 1
+# The fields of a result row a checkpoint keeps: which variant it is and how well it scored.
+ROW_FIELDS = ("variant", "kind", "unfreeze", "unit", "top1", "top5", "epochs", "steps")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit what it is used for; the message is one line."""
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _plain(values: Mapping) -> dict:
+    """The JSON-able entries of `values`, normalised through JSON (tuples become lists), so every stored
+    value is one that `weights_only=True` loading accepts."""
+    return {str(k): json.loads(json.dumps(v)) for k, v in values.items() if _jsonable(v)}
+
+
+def save_checkpoint(path: Path, model: nn.Module, *, settings: dict, row: dict, classes: list[str]) -> None:
+    """Write the checkpoint atomically: a temporary file in the same directory, then a rename, so a
+    crash mid-write never leaves a truncated file under `path`."""
+    path = Path(path)
+    bare = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key with _orig_mod.
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in bare.state_dict().items()},
+        "settings": _plain(settings),
+        "row": _plain({k: row[k] for k in ROW_FIELDS if k in row}),
+        "classes": [str(c) for c in classes],
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the checkpoint private
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The informative line of an exception message: torch.load's weights-only refusal is a page long,
+    its reason is on the line after `WeightsUnpickler error:`."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch puts ANSI bold in some messages
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(". ")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint dict, checked to be ours and of a version this code reads."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types (truncated zip, pickle junk, unsafe objects)
+        raise CheckpointError(f"checkpoint {path}: unreadable (not a torch file, truncated, or holding objects "
+                              f"that safe loading refuses: {type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        what = "a bare state dict" if isinstance(ckpt, dict) and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"checkpoint {path}: not a finetune-bench checkpoint ({what}, no "
+                              f"format {FORMAT!r})")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {ckpt.get('version')!r} is not supported "
+                              f"(this finetune-bench reads version {VERSION})")
+    problems = [key for key, kind in (("state_dict", dict), ("settings", dict), ("row", dict), ("classes", list))
+                if not isinstance(ckpt.get(key), kind)]
+    if not problems and not isinstance(ckpt["settings"].get("model"), str):
+        problems.append("settings.model")
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: incomplete, missing or malformed {', '.join(problems)}")
+    return ckpt
+
+
+def _stored_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Outputs of the stored classifier: the last 2-D weight of the `fc` head (linear, mlp or deep)."""
+    weights = [v for k, v in state.items() if k.startswith("fc.") and k.endswith("weight") and v.ndim == 2]
+    return int(weights[-1].shape[0]) if weights else None
+
+
+def build_from_checkpoint(ckpt: dict, num_classes: int | None = None) -> nn.Module:
+    """The checkpoint's network with its weights loaded strictly, on the CPU, in eval mode.
+
+    `num_classes`: the class count it must classify (the evaluation dataset's); default the
+    checkpoint's own. Anything that does not fit is a one-line CheckpointError, never PyTorch's
+    listing of every missing key."""
+    settings, state = ckpt["settings"], ckpt["state_dict"]
+    name, head = settings.get("model"), settings.get("head", "linear")
+    own = len(ckpt["classes"])
+    stored = _stored_classes(state)
+    n = own if num_classes is None else num_classes
+    if n != own or (stored is not None and stored != n):
+        raise CheckpointError(f"checkpoint's {name} classifies {stored or own} classes; "
+                              f"the evaluation data has {n}")
+    try:
+        model = build_model(name, n, None, head)
+    except ModelError as e:
+        raise CheckpointError(f"checkpoint settings cannot be rebuilt: {e}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                 ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "of another shape")) if keys]
+        raise CheckpointError(f"checkpoint weights do not fit {name} with a {head} head for {n} classes "
+                              f"(stored classifier: {stored} classes): tensors {'; '.join(parts)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied; keys and shapes were checked above
+        raise CheckpointError(f"checkpoint weights do not load into {name}: {_first_line(e)}") from None
+    return model.eval()

@@ -1,0 +1,73 @@
+"""Profiler traces: the window, the summary read back from a trace file, and tracing in a real run."""
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+
+import pytest
+
+from bench.trace import TraceWindow, _self_times, _union_ms, plan_window, summarise_trace
+
+
+def test_window_after_warmup_when_the_run_is_long_enough():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        window = plan_window(total_steps=100, skip=5, active=3)
+    assert window == TraceWindow(5, 1, 3)
+    assert list(window.steps) == [5, 6, 7, 8]  # profiler warm-up, 3 recorded steps
+
+
+def test_short_run_gets_a_smaller_window_and_a_warning():
+    with pytest.warns(UserWarning, match="fewer than"):
+        window = plan_window(total_steps=4, skip=5, active=3)
+    assert window.wait + window.warmup + window.active <= 4 and window.active == 3
+
+
+def test_run_too_short_to_trace_warns_and_traces_nothing():
+    with pytest.warns(UserWarning, match="too few to trace"):
+        assert plan_window(total_steps=1, skip=0, active=3) is None
+
+
+def test_union_counts_overlaps_once():
+    assert _union_ms([(0, 1000), (500, 1500), (3000, 4000)]) == pytest.approx(2.5)
+
+
+def test_self_time_subtracts_direct_children():
+    ops = [{"name": "conv2d", "ts": 0, "dur": 100, "tid": 1},
+           {"name": "convolution", "ts": 10, "dur": 80, "tid": 1},
+           {"name": "mkldnn", "ts": 20, "dur": 60, "tid": 1},
+           {"name": "relu", "ts": 150, "dur": 10, "tid": 1}]
+    assert dict(_self_times(ops)) == {"conv2d": 20, "convolution": 20, "mkldnn": 60, "relu": 10}
+
+
+def write_trace(path, events):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_gpu_summary_ranks_kernels_and_measures_idle(tmp_path):
+    # two 1 ms steps on the host; kernels cover 0.2-0.6 and 1.0-1.9 ms (overlapping pair), 2.0-2.1 ms
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 1000},
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#2", "ts": 1000, "dur": 1000},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::conv2d", "ts": 0, "dur": 900},
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_conv", "ts": 200, "dur": 400},
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_conv", "ts": 1000, "dur": 700},
+        {"ph": "X", "cat": "kernel", "name": "nchwToNhwcKernel", "ts": 1500, "dur": 400},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 2000, "dur": 100},
+    ]
+    write_trace(tmp_path / "run" / "rank0.1.pt.trace.json.gz", events)
+    s = summarise_trace(tmp_path / "run")
+    assert s["device"] == "cuda" and s["steps"] == 2
+    assert s["window_ms"] == pytest.approx(2.1)  # the last copy ends after the last host step
+    assert s["busy_ms"] == pytest.approx(0.4 + 0.9 + 0.1)
+    assert s["idle_pct"] == pytest.approx(100 * (1 - 1.4 / 2.1), abs=0.01)
+    assert [op["name"] for op in s["top"]] == ["sm90_xmma_conv", "nchwToNhwcKernel", "Memcpy DtoD"]
+    assert s["top"][0]["calls"] == 2 and s["top"][0]["total_ms"] == pytest.approx(1.1)
+    assert s["layout_copies"] == 1
+
+
+def test_no_trace_file_no_summary(tmp_path):
+    assert summarise_trace(tmp_path) is None
