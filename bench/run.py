@@ -21,7 +21,7 @@ from rich.table import Table
 from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
 from bench.measure import environment
 from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from bench.evaluate import evaluate_model
+from bench.evaluate import default_out_dir, evaluate_model, print_report
 from bench.plots import write_plots
 from bench.report import LiveProgress, markdown_report, render_text, results_table, trace_table, write_results, write_text
 from bench.trace import TraceError, check_writable
@@ -325,13 +325,18 @@ def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_in
 
 
 def evaluate_best(console: Console, out: Path, best_path: Path, data, device: torch.device) -> dict:
+    """`python -m bench.evaluate OUT/checkpoints/best.pt`, in process: the same files, the same place."""
     checkpoint = load_checkpoint(best_path)
     c = argparse.Namespace(**checkpoint["settings"])
     _, split = select_splits(data, c.eval_split, c.final)
-    model = build_from_checkpoint(checkpoint)
-    folder = out / "evaluation" / checkpoint["row"]["variant"]
-    result = evaluate_model(model, c, split, data.classes, folder, device)
-    return {**result, "dir": str(folder), "variant": checkpoint["row"]["variant"]}
+    variant = checkpoint["row"]["variant"]
+    folder = default_out_dir(best_path, variant, "test" if c.final else c.eval_split)
+    console.print(f"[bold]best variant[/bold]: {variant} (top-1 {checkpoint['row']['top1']:.2f} %), "
+                  f"evaluated class by class")
+    result = evaluate_model(build_from_checkpoint(checkpoint), c, split, data.classes, folder, device,
+                            variant=variant, checkpoint=str(best_path))
+    print_report(console, result)
+    return {**result, "dir": str(folder)}
 
 
 if __name__ == "__main__":

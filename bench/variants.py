@@ -111,4 +111,16 @@ def make_variants(cfg: argparse.Namespace, settings: set[str]) -> list[Variant]:
             raise ConfigError(f"these variants train one depth each: give a single --unfreeze, not {cfg.unfreeze!r}")
         variants = [v if "unfreeze" in v.overrides else Variant(v.name, v.kind, {"unfreeze": depths[0], **v.overrides})
                     for v in variants]
+    if getattr(cfg, "smoke", False):
+        variants = smoke_budgets(variants, cfg.steps)
     return variants
+
+
+def smoke_budgets(variants: list[Variant], steps: int) -> list[Variant]:
+    """--smoke trains a few steps per variant; variants that differ in their epoch budget keep their
+    ratio (20 / 50 / 100 epochs -> 4 / 10 / 20 steps), so their miniature rows still differ."""
+    budgets = [v.overrides["epochs"] for v in variants if "epochs" in v.overrides]
+    if len(set(budgets)) < 2:
+        return variants
+    return [Variant(v.name, v.kind, {**v.overrides, "steps": max(1, round(steps * v.overrides["epochs"] / min(budgets)))})
+            if "epochs" in v.overrides else v for v in variants]

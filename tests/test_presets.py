@@ -86,6 +86,17 @@ def test_every_preset_runs_end_to_end_in_miniature(name, tmp_path):
         assert names == ["shallow", "deep", "scratch"] and all(r["kind"] == "approach" for r in rows)
     if name == "seed002-cnn-vs-frozen":
         assert names == ["simple_cnn-20", "resnet18-frozen-20", "resnet18-frozen-50", "resnet18-frozen-100"]
+        assert [r["steps"] for r in rows] == [4, 4, 10, 20]  # the epoch budgets' ratio survives the miniature
+    # what each seed showed as pictures: curves (001, 004), the best variant's confusion matrix and
+    # classification report (003) and prediction grid (004); every run gets them all
+    best = rows[-1] if rows[-1]["kind"] == "final" else max(rows, key=lambda r: r["top1"])
+    split = "test" if best["kind"] == "final" or doc["run"]["eval_split"] == "test" else "val"
+    evaluation = out / "evaluation" / f"{best['variant']}-{split}"
+    for path in (out / "plots" / "curves.png", out / "plots" / "depth.png", evaluation / "confusion_matrix.png",
+                 evaluation / "predictions.png", evaluation / "classification_report.csv", out / "report.md"):
+        assert path.stat().st_size > 0, path
+    report = json.loads((evaluation / "evaluation.json").read_text())
+    assert report["top1"] == best["top1"] and report["images"] == doc["run"]["eval_images"]
 
 
 def test_a_flag_the_preset_cannot_honour_is_refused(capsys):
