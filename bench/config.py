@@ -10,6 +10,7 @@ import sys
 import tomllib
 from importlib import resources
 
+from bench.distributed import LR_SCALES, PARALLEL
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from bench.variants import ConfigError
 from models import HEADS, UNITS
@@ -130,11 +131,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode")
+    g.add_argument("--split-trunk", default=True, action=argparse.BooleanOptionalAction,
+                   help="run the frozen prefix apart, under no_grad in eval mode (needs --frozen-bn eval)")
+    g.add_argument("--feature-cache", default=False, action=argparse.BooleanOptionalAction,
+                   help="with --augment none: run the frozen prefix once per image and train the rest from "
+                        "its cached outputs (on the device, else in host memory)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=15, help="epochs per variant")
-    g.add_argument("--steps", type=positive_int, default=None, help="train this many steps per variant instead of --epochs (throughput runs)")
-    g.add_argument("--batch-size", type=int_in(1, 65536), default=1024, help="training batch size")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="throughput mode: train each variant for --warmup-steps + this many timed steps, no evaluation")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="train each variant at most this many steps (evaluated as usual; --smoke uses it)")
+    g.add_argument("--batch-size", type=int_in(1, 65536), default=1024, help="training batch size (per rank under torchrun)")
     g.add_argument("--eval-batch-size", type=int_in(1, 65536), default=None, help="evaluation batch size (default: --batch-size)")
     g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=non_negative_float, default=1e-3, help="learning rate")
@@ -153,6 +162,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "evaluation pass over the training set per epoch, reported as train_acc_s)")
     g.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--warmup-steps", type=int_in(0, 100_000), default=5, help="first steps left out of the throughput figures")
+
+    g = p.add_argument_group("distributed (under torchrun; no effect on one process)")
+    g.add_argument("--parallel", default="data", choices=PARALLEL,
+                   help="data: every rank trains the same variant with DDP on its shard of each epoch (global batch = "
+                        "--batch-size x world size); variants: each rank trains whole variants on its own device")
+    g.add_argument("--lr-scale-world", default="none", choices=LR_SCALES,
+                   help="with --parallel data: multiply --lr by the world size (linear) or its square root (sqrt), "
+                        "for the global batch")
+    g.add_argument("--dist-timeout", type=int_in(10, 86_400), default=1800,
+                   help="seconds a collective waits for a stuck rank before the run fails (a rank that exits "
+                        "stops the run at once)")
     return p
 
 
@@ -195,6 +215,13 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.oom_scale_lr and cfg.oom != "retry":
         raise ConfigError("--oom-scale-lr needs --oom retry")
+    if cfg.feature_cache and cfg.augment != "none":
+        raise ConfigError(f"--feature-cache needs --augment none (--augment {cfg.augment} changes the frozen "
+                          "layers' input every epoch)")
+    if cfg.feature_cache and (cfg.frozen_bn != "eval" or not cfg.split_trunk):
+        raise ConfigError("--feature-cache needs the frozen prefix split off: --split-trunk and --frozen-bn eval")
+    if cfg.steps and cfg.max_steps:
+        raise ConfigError("--steps (throughput mode) and --max-steps contradict each other; give one")
     return cfg
 
 
@@ -208,7 +235,7 @@ def shrink(cfg: argparse.Namespace) -> None:
     classes = num_classes(cfg.dataset, cfg.num_classes)
     cfg.dataset, cfg.num_classes, cfg.weights = "synthetic", classes, "none"
     cfg.train_size, cfg.val_size, cfg.image_size = max(256, 2 * classes), max(128, classes), 32
-    cfg.steps, cfg.batch_size, cfg.eval_batch_size = 4, min(cfg.batch_size, 32), None
+    cfg.max_steps, cfg.batch_size, cfg.eval_batch_size = cfg.max_steps or 4, min(cfg.batch_size, 32), None
     cfg.workers, cfg.compile, cfg.compile_mode, cfg.warmup_steps = 1, False, None, 1
     # variants may set their own sizes or weights: the miniature overrides those too
     smoke = {"weights": "none", "image_size": 32}

@@ -30,6 +30,7 @@ COLUMNS = [
     ("step_ms_median", "step ms", lambda v: f"{v:.1f}"),
     ("data_wait_pct", "data wait %", lambda v: f"{v:.1f}"),
     ("peak_mem_bytes", "peak mem", lambda v: f"{v / 2**30:.2f} GiB"),
+    ("mfu", "MFU %", lambda v: f"{100 * v:.1f}"),
     ("compile_s", "compile s", lambda v: f"{v:.1f}"),
     ("top1", "top-1 %", lambda v: f"{v:.2f}"),
     ("top5", "top-5 %", lambda v: f"{v:.2f}"),

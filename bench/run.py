@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
+from bench.flops import matmul_ceiling_tflops
 from bench.measure import environment
+from bench.train import PRECISIONS
 from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from bench.evaluate import default_out_dir, evaluate_model, print_report
 from bench.plots import write_plots
@@ -84,7 +86,10 @@ def print_plan(console: Console, cfg: argparse.Namespace, variants, plans: list[
         table.add_column(col)
     for v, p in zip(variants, plans):
         c = v.apply(cfg)
-        length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
+        length = (f"{c.warmup_steps} + {c.steps} timed steps, no evaluation" if c.steps else
+                  f"{c.max_steps} steps" if c.max_steps else f"{c.epochs} epochs")
+        if c.feature_cache:
+            length += ", feature cache"
         training = f"{c.optimizer} lr {c.lr:g} wd {c.weight_decay:g}, {c.scheduler}, {length}"
         if c.early_stop:
             training += f", early stop {c.early_stop}"
@@ -100,7 +105,8 @@ def print_plan(console: Console, cfg: argparse.Namespace, variants, plans: list[
 FINISHED = ("ok", "oom", "nan", "overlap")
 # Settings that may differ between a run and its resumption.
 NOT_SETTINGS = {"profile", "profile_description", "out", "resume", "list_profiles", "list_layers", "dry_run",
-                "data_dir", "given", "trace", "trace_dir", "trace_steps", "save_checkpoint", "evaluate_best"}
+                "data_dir", "given", "trace", "trace_dir", "trace_steps", "save_checkpoint", "evaluate_best",
+                "ceiling_tflops"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cfg.devices_used = 1
+    # MFU's denominator, measured on this device in this run: a large matmul in the training dtype.
+    cfg.ceiling_tflops = matmul_ceiling_tflops(device, PRECISIONS[cfg.precision])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     started = datetime.now(timezone.utc)

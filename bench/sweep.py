@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 
+from bench.distributed import data_parallel, data_shard, lr_for_world, worker_name
+from bench.feature_cache import build_cache
+from bench.flops import eval_flops_per_image, mfu, train_flops_per_image
 from bench.measure import median, peak_memory, reset_peak_memory
 from bench.trace import VariantTrace, plan_window, summarise_trace
-from bench.train import EpochStats, EvalStats, NonFiniteLoss, Trainer, make_optimizer, make_scheduler
+from bench.train import PRECISIONS, EpochStats, EvalStats, NonFiniteLoss, Trainer, make_optimizer, make_scheduler
 from bench.variants import Variant
-from models import FreezePlan, apply_unfreeze, build_model, set_train_mode
+from models import FreezePlan, apply_unfreeze, build_model, set_train_mode, split_frozen
 from pipelines import NORMALIZE, Split, loader_class
 
 
@@ -39,47 +42,69 @@ def plan_fields(variant: Variant, plan: FreezePlan) -> dict:
 
 def make_loader(cfg: argparse.Namespace, split: Split, device: torch.device, *, train: bool):
     mean, std = NORMALIZE[cfg.normalize]
+    rank, world = data_shard(cfg)  # under torchrun --parallel data: this rank's part of every epoch
     return loader_class(cfg.loader)(
         split.images, split.labels, batch_size=cfg.batch_size if train else cfg.eval_batch_size or cfg.batch_size,
         train=train, image_size=cfg.image_size, mean=mean, std=std, device=device,
         augment=cfg.augment if train else "none", half=cfg.precision != "fp32", seed=cfg.seed,
-        num_threads=cfg.workers)
+        num_threads=cfg.workers, rank=rank, world_size=world)
 
 
 def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, Split], num_classes: int,
                 pretrained, device: torch.device, on_progress: Callable[..., None] | None = None,
                 on_trained: Callable[[torch.nn.Module, dict, argparse.Namespace], None] | None = None) -> dict:
     """Train on `splits[0]`, evaluate on `splits[1]`; returns the result row (HARNESS.md's per-depth fields).
-    `on_trained(model, row, cfg)` sees the trained model before it is released (checkpoints)."""
+    `on_trained(model, row, cfg)` sees the trained model before it is released (checkpoints).
+
+    With `--steps N` (throughput mode) the variant trains `warmup_steps + N` steps and is not evaluated."""
     torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
     model = build_model(cfg.model, num_classes, pretrained[cfg.model, cfg.weights], cfg.head)
     plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    throughput = cfg.steps is not None
+    # FLOPs of one training image for exactly this trainable configuration (counted on the meta device).
+    flops = train_flops_per_image(model, cfg.image_size, channels_last=cfg.channels_last)
+    # The frozen prefix runs under no_grad in eval mode: no activations kept for a backward it never has.
+    split = split_frozen(model) if cfg.split_trunk and cfg.frozen_bn == "eval" else None
+    net = split or model
+
+    start = time.perf_counter()  # the variant's wall clock: building a feature cache counts
     train_loader = make_loader(cfg, splits[0], device, train=True)
     eval_loader = make_loader(cfg, splits[1], device, train=False)
+    cache_s = None
+    if cfg.feature_cache and split is not None:
+        # --augment none: the trunk sees the same input every epoch, so run it once per image.
+        caches = [build_cache(split, make_loader(cfg, s, device, train=False), device=device,
+                              dtype=PRECISIONS[cfg.precision], precision=cfg.precision) for s in splits]
+        train_loader = caches[0].batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+        eval_loader = caches[1].batches(cfg.eval_batch_size or cfg.batch_size, shuffle=False)
+        net = split.tail
+        flops -= eval_flops_per_image(split.trunk, cfg.image_size, channels_last=cfg.channels_last)
+        cache_s = round(time.perf_counter() - start, 3)
     steps_per_epoch = len(train_loader)
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.warmup_steps + cfg.steps if throughput else cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.momentum, device=device)
     scheduler = make_scheduler(cfg.scheduler, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                step_size=cfg.step_size, gamma=cfg.gamma, patience=cfg.plateau_patience)
-    trainer = Trainer(model, device=device, precision=cfg.precision, compile=cfg.compile,
+    trainer = Trainer(net, device=device, precision=cfg.precision, compile=cfg.compile,
                       compile_mode=cfg.compile_mode, optimizer=optimizer, scheduler=scheduler,
-                      label_smoothing=cfg.label_smoothing)
+                      label_smoothing=cfg.label_smoothing, data_parallel=data_parallel(cfg))
 
     # Seed 000 measured training accuracy with a full extra pass each epoch; optional, and timed apart.
-    train_eval_loader = make_loader(cfg, splits[0], device, train=False) if cfg.train_acc else None
+    train_eval_loader = make_loader(cfg, splits[0], device, train=False) if cfg.train_acc and not throughput else None
     stopper = EarlyStopping(cfg.early_stop, cfg.early_stop_metric)
 
     window = plan_window(total_steps, cfg.warmup_steps, cfg.trace_steps) if cfg.trace else None
-    tracer = VariantTrace(Path(cfg.trace_dir) / variant.name, window, device) if window else None
+    tracer = (VariantTrace(Path(cfg.trace_dir) / variant.name, window, device, worker=worker_name(cfg))
+              if window else None)
 
     reset_peak_memory(device)
     history, epochs_stats, train_acc_s = [], [], 0.0
-    start = time.perf_counter()
+    ev = None
     with tracer or contextlib.nullcontext():
         for epoch in range(1, epochs + 1):
             set_train_mode(model, plan, cfg.frozen_bn)
@@ -90,6 +115,11 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
                 if on_progress is not None:
                     on_progress(epoch=epoch, epochs=epochs, step=step, steps=steps_per_epoch, images=images)
             stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
+            if throughput:  # the timm-style benchmark: training steps only
+                epochs_stats.append((stats, None))
+                history.append({"epoch": epoch, "train_loss": round(stats.loss, 5),
+                                "elapsed_s": round(time.perf_counter() - start, 3)})
+                continue
             ev = trainer.evaluate(eval_loader, num_classes)
             trainer.end_epoch(ev.loss)
             epochs_stats.append((stats, ev))
@@ -104,27 +134,36 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
             if stopper.should_stop(ev):
                 break
     wall = time.perf_counter() - start
+    gpu_hours = wall * cfg.devices_used / 3600.0
+    speed = summarise(cfg, epochs_stats, exclude=window.steps if window else range(0))
+    achieved = speed["images_per_s"] * flops / 1e12
     row = {
         **plan_fields(variant, plan),
         "status": "ok",
         "error": None,
-        **summarise(cfg, epochs_stats, exclude=window.steps if window else range(0)),
+        "mode": "throughput" if throughput else "train",
+        **speed,
         "peak_mem_bytes": peak_memory(device),
+        "train_gflops_per_image": round(flops / 1e9, 4),
+        "achieved_tflops": round(achieved, 4),
+        "mfu": mfu(speed["images_per_s"], flops, getattr(cfg, "ceiling_tflops", None)),
+        "trunk_cut": split.cut if split is not None else None,
+        "feature_cache_s": cache_s,
         "epochs": len(history),
         "steps": trainer.steps_done,
         "stopped_early": len(history) < epochs,
-        "top1": round(ev.top1, 3),
-        "top5": round(ev.top5, 3),
+        "top1": None if ev is None else round(ev.top1, 3),
+        "top5": None if ev is None else round(ev.top5, 3),
         "train_acc_s": round(train_acc_s, 3),
         "wall_s": round(wall, 3),
-        "gpu_hours": wall * cfg.devices_used / 3600.0,
-        "acc_per_gpu_hour": round(ev.top1 / (wall * cfg.devices_used / 3600.0), 2),
+        "gpu_hours": gpu_hours,
+        "acc_per_gpu_hour": None if ev is None else round(ev.top1 / gpu_hours, 2),
         "history": history,
     }
     if tracer is not None:
         row["trace_export_s"] = round(tracer.export_s, 3)
-        row["trace"] = summarise_trace(tracer.run_dir)
-    if on_trained is not None:
+        row["trace"] = summarise_trace(tracer.run_dir, worker=tracer.worker)
+    if on_trained is not None and not throughput:
         on_trained(model, row, cfg)
     return row
 
@@ -157,14 +196,16 @@ def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]
     skip = min(cfg.warmup_steps, len(first.step_ms) - 1)
     step_ms = [ms for i, ms in enumerate(all_ms) if i >= skip and i not in exclude] or all_ms[skip:]
     step_median = median(step_ms)
-    last_eval = epochs[-1][1]
+    last_eval = epochs[-1][1]  # None in throughput mode
     eval_bs = cfg.eval_batch_size or cfg.batch_size
-    timed_eval = last_eval.batch_ms[1:] if len(last_eval.batch_ms) > 1 else last_eval.batch_ms
-    eval_images = last_eval.images - eval_bs if len(last_eval.batch_ms) > 1 else last_eval.images
+    batch_ms = last_eval.batch_ms if last_eval else []
+    timed_eval = batch_ms[1:] if len(batch_ms) > 1 else batch_ms
+    eval_images = (last_eval.images - eval_bs if len(batch_ms) > 1 else last_eval.images) if last_eval else 0
     compile_s = 0.0
     if cfg.compile:  # compilation happens inside the first training step and the first evaluation batch
-        compile_s = (max(0.0, first.step_ms[0] - step_median)
-                     + max(0.0, first_eval.batch_ms[0] - (median(timed_eval) or 0.0))) / 1e3
+        compile_s = max(0.0, first.step_ms[0] - step_median) / 1e3
+        if first_eval is not None and first_eval.batch_ms:
+            compile_s += max(0.0, first_eval.batch_ms[0] - (median(timed_eval) or 0.0)) / 1e3
     train_wall = sum(stats.wall_s for stats, _ in epochs)
     return {
         "images_per_s": round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2),
@@ -228,7 +269,7 @@ def run_sweep(base: argparse.Namespace, variants: list[Variant], plans: list[dic
     before it propagates, so the files always say what happened to every variant that started."""
     rows: list[dict] = []
     for variant, plan_row in zip(variants, plans):
-        cfg = variant.apply(base)
+        cfg = lr_for_world(variant.apply(base))  # --lr-scale-world: the lr for the global batch
         progress = (lambda v=variant, **kw: on_progress(variant=v, **kw)) if on_progress else None
 
         def run(c, variant=variant, progress=progress):

@@ -80,8 +80,11 @@ class VariantTrace:
     A failure to write the trace is a warning, never the variant's failure: the measurements go on."""
 
     def __init__(self, run_dir: Path, window: TraceWindow, device: torch.device, worker: str = "rank0"):
-        shutil.rmtree(run_dir, ignore_errors=True)  # a resumed variant starts its trace afresh
-        self.run_dir, self.window, self.export_s = run_dir, window, 0.0
+        # A resumed variant starts its trace afresh. Under data parallelism every rank traces into the same
+        # run, as worker `rank<r>`; no rank can get to its traced steps before the others got here
+        # (DDP's first step waits for all), so this never removes another rank's new trace.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.run_dir, self.window, self.export_s, self.worker = run_dir, window, 0.0, worker
         handler = tensorboard_trace_handler(str(run_dir), worker_name=worker, use_gzip=True)
 
         def on_ready(prof):
@@ -115,8 +118,9 @@ class VariantTrace:
 # reading a trace back
 # ----------------------------------------------------------------------------------------------------
 
-def trace_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("*.pt.trace.json*"))
+def trace_files(run_dir: Path, worker: str | None = None) -> list[Path]:
+    """The traces in a run, or only those of `worker` (a run traced by several ranks has one per rank)."""
+    return sorted(run_dir.glob(f"{worker + '.' if worker else ''}*.pt.trace.json*"))
 
 
 def load_events(path: Path) -> list[dict]:
@@ -157,13 +161,13 @@ def _self_times(ops: list[dict]) -> list[tuple[str, float]]:
     return out
 
 
-def summarise_trace(run_dir: Path, top: int = 10) -> dict | None:
+def summarise_trace(run_dir: Path, top: int = 10, worker: str | None = None) -> dict | None:
     """The trace's top operators by device time and the device's idle share over the traced steps.
 
     On CUDA the device is the GPU: kernels, copies and memsets, idle = the part of the traced window
     with none of them running. On the CPU the device is the CPU itself: operators by self time, idle =
     the part of the window with no operator running on any thread (Python, the loader, the profiler)."""
-    files = trace_files(run_dir)
+    files = trace_files(run_dir, worker)
     if not files:
         return None
     events = [e for e in load_events(files[-1]) if e.get("ph") == "X" and "dur" in e]

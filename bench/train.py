@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bench import distributed
 from bench.measure import StepTimer, synchronize
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -77,7 +78,7 @@ class EvalStats:
     loss: float
     top1: float
     top5: float
-    images: int
+    images: int                 # scored by this process: its shard under data parallelism
     batch_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -87,7 +88,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, device: torch.device, precision: str, compile: bool,
                  compile_mode: str | None, optimizer: torch.optim.Optimizer, scheduler,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, data_parallel: bool = False):
         self.model, self.device = model, device
         self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -96,7 +97,11 @@ class Trainer:
             else contextlib.nullcontext
         # fp16 needs loss scaling; its step() checks for infs on the host, the only sync in the step.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.forward = torch.compile(model, mode=compile_mode) if compile else model
+        # Under torchrun with --parallel data: DDP over the trainable parameters (compiled around DDP,
+        # so dynamo can split the graph at gradient-bucket boundaries); evaluation sums over ranks.
+        self.data_parallel = data_parallel
+        trained = distributed.wrap_ddp(model, device, compiled=compile) if data_parallel else model
+        self.forward = torch.compile(trained, mode=compile_mode) if compile else trained
         self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
 
@@ -158,6 +163,10 @@ class Trainer:
     # for batches created inside and outside the mode (DALI prefetches the first one outside).
     @torch.no_grad()
     def evaluate(self, loader, num_classes: int) -> EvalStats:
+        """Loss, top-1 and top-5 over the whole split; `images`, `batch_ms` and `wall_s` are this
+        process's (under data parallelism each rank scores its shard and the sums are all-reduced)."""
+        if self.data_parallel:  # every rank scores with the same BatchNorm statistics
+            distributed.average_buffers(self.model)
         self.model.eval()
         k = min(5, num_classes)
         timer = StepTimer(self.device)
@@ -180,7 +189,13 @@ class Trainer:
         timer.mark()
         synchronize(self.device)
         wall = time.perf_counter() - start
+        local = n
+        if self.data_parallel:  # the whole split: every rank's sums, never one rank's shard alone
+            sums = torch.stack([loss_sum, correct1.double(), correctk.double(),
+                                torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+            loss_sum, correct1, correctk, total = distributed.all_reduce_(sums).unbind()
+            n = int(total.item())
         if n == 0:
             return EvalStats(math.nan, math.nan, math.nan, 0, [], wall)
         return EvalStats(loss=loss_sum.item() / n, top1=100.0 * correct1.item() / n,
-                         top5=100.0 * correctk.item() / n, images=n, batch_ms=timer.intervals_ms(), wall_s=wall)
+                         top5=100.0 * correctk.item() / n, images=local, batch_ms=timer.intervals_ms(), wall_s=wall)

@@ -112,7 +112,7 @@ def make_variants(cfg: argparse.Namespace, settings: set[str]) -> list[Variant]:
         variants = [v if "unfreeze" in v.overrides else Variant(v.name, v.kind, {"unfreeze": depths[0], **v.overrides})
                     for v in variants]
     if getattr(cfg, "smoke", False):
-        variants = smoke_budgets(variants, cfg.steps)
+        variants = smoke_budgets(variants, cfg.max_steps)
     return variants
 
 
@@ -122,5 +122,5 @@ def smoke_budgets(variants: list[Variant], steps: int) -> list[Variant]:
     budgets = [v.overrides["epochs"] for v in variants if "epochs" in v.overrides]
     if len(set(budgets)) < 2:
         return variants
-    return [Variant(v.name, v.kind, {**v.overrides, "steps": max(1, round(steps * v.overrides["epochs"] / min(budgets)))})
+    return [Variant(v.name, v.kind, {**v.overrides, "max_steps": max(1, round(steps * v.overrides["epochs"] / min(budgets)))})
             if "epochs" in v.overrides else v for v in variants]

@@ -43,7 +43,7 @@ def test_non_finite_loss_is_status_nan(tmp_path, monkeypatch):
 def test_steps_mode_trains_exactly_that_many_steps(tmp_path):
     out = tmp_path / "run"
     # 128 images / batch 32 = 4 steps per epoch: 6 steps run into a second, truncated epoch
-    assert main([*TINY, "--unfreeze", "1", "--steps", "6", "--out", str(out)]) == 0
+    assert main([*TINY, "--unfreeze", "1", "--max-steps", "6", "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())["depths"][0]
     assert row["steps"] == 6 and row["epochs"] == 2 and len(row["history"]) == 2
 

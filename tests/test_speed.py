@@ -1,0 +1,63 @@
+"""The speed features on the CPU: throughput mode, FLOPs and MFU in every row, the frozen trunk split
+off, and the feature cache, each against the plain path it replaces."""
+import json
+
+import pytest
+
+from bench.run import main
+
+TINY = ["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--workers", "1",
+        "--loader", "torch", "--no-evaluate-best"]
+
+
+def rows(out):
+    return json.loads((out / "results.json").read_text())["depths"]
+
+
+def test_throughput_mode_times_steps_without_evaluating(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,all", "--steps", "3", "--warmup-steps", "2", "--out", str(out)]) == 0
+    head, full = rows(out)
+    for row in (head, full):
+        assert row["mode"] == "throughput" and row["steps"] == 5  # 2 warm-up + 3 timed
+        assert row["top1"] is None and row["acc_per_gpu_hour"] is None and row["eval_images_per_s"] is None
+        assert row["images_per_s"] > 0 and 0 < row["mfu"] and row["achieved_tflops"] > 0
+    # a full fine-tune step costs about 3 forwards, a head-only step about 1
+    assert 2.5 < full["train_gflops_per_image"] / head["train_gflops_per_image"] < 3.1
+    assert not (out / "checkpoints").exists() and not (out / "evaluation").exists()
+    run = json.loads((out / "results.json").read_text())["run"]
+    assert run["ceiling_tflops"] > 0
+
+
+def test_split_trunk_trains_exactly_as_the_whole_model(tmp_path):
+    args = [*TINY, "--unfreeze", "3", "--epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "split")]) == 0
+    assert main([*args, "--no-split-trunk", "--out", str(tmp_path / "whole")]) == 0
+    (split,), (whole,) = rows(tmp_path / "split"), rows(tmp_path / "whole")
+    assert split["trunk_cut"] == "layer4.1" and whole["trunk_cut"] is None
+    assert split["history"][0]["train_loss"] == whole["history"][0]["train_loss"]
+    assert split["top1"] == whole["top1"]
+
+
+def test_feature_cache_matches_training_through_the_trunk(tmp_path):
+    args = [*TINY, "--unfreeze", "1", "--epochs", "3", "--augment", "none"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--feature-cache", "--out", str(tmp_path / "cached")]) == 0
+    (plain,), (cached,) = rows(tmp_path / "plain"), rows(tmp_path / "cached")
+    assert cached["feature_cache_s"] > 0 and plain["feature_cache_s"] is None
+    # the same images in another shuffle order (the cache draws its own permutation): equal within noise
+    assert abs(cached["top1"] - plain["top1"]) <= 5.0
+    assert abs(cached["history"][-1]["train_loss"] - plain["history"][-1]["train_loss"]) < 0.1
+    # only the head's FLOPs are left per training image
+    assert cached["train_gflops_per_image"] < 0.01 * plain["train_gflops_per_image"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--feature-cache", "--augment", "flip-crop"], "--feature-cache needs --augment none"),
+    (["--feature-cache", "--augment", "none", "--frozen-bn", "train"], "--feature-cache needs the frozen prefix"),
+    (["--steps", "3", "--max-steps", "4"], "contradict"),
+])
+def test_contradicting_speed_flags_are_refused(args, message, capsys):
+    assert main([*TINY, *args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
