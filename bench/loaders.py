@@ -31,10 +31,15 @@ def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmu
             images, counted = images + y.shape[0], counted + 1
     timer.mark()
     synchronize(device)
-    intervals = timer.intervals_ms()[warmup:warmup + counted]
+    # Interval k runs from the mark after batch k to the mark after batch k + 1: the fetch of batch
+    # k + 1. Batches warmup .. warmup + counted - 1 were counted, so their fetches are intervals
+    # warmup - 1 .. warmup + counted - 2 (the interval after the last batch fetched nothing counted).
+    intervals = timer.intervals_ms()[warmup - 1:warmup - 1 + counted]
     if not intervals:
         return {"loader_images_per_s": None, "loader_batch_ms_median": None, "loader_batches": 0}
-    return {"loader_images_per_s": round(images / (sum(intervals) / 1e3), 1),
+    # The median batch, not the mean: the first batches of a process pay one-off costs (thread pools,
+    # kernel selection) that would otherwise dominate a short measurement.
+    return {"loader_images_per_s": round(images / counted / (median(intervals) / 1e3), 1),
             "loader_batch_ms_median": round(median(intervals), 3), "loader_batches": counted}
 
 

@@ -61,3 +61,33 @@ def test_contradicting_speed_flags_are_refused(args, message, capsys):
     assert main([*TINY, *args, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_search_doubles_until_out_of_memory_and_keeps_the_fastest():
+    import torch
+
+    from bench.batch_size import search
+
+    speeds = {16: 100.0, 32: 180.0, 64: 260.0, 128: 250.0}
+
+    def fake(batch):
+        if batch > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return speeds[batch]
+    chosen, trials = search(fake, start=16, limit=4096)
+    assert chosen == 64
+    assert [t["batch_size"] for t in trials] == [16, 32, 64, 128, 256] and trials[-1]["oom"]
+    assert search(lambda b: float(b), start=16, limit=100)[1][-1]["batch_size"] == 100  # the limit is tried
+    with pytest.raises(torch.OutOfMemoryError, match="not even batch 16"):
+        search(lambda b: fake(10_000), start=16, limit=4096)
+
+
+def test_batch_size_auto_is_found_once_and_used_by_every_variant(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3", "--batch-size", "auto", "--steps", "2", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    chosen, trials = doc["run"]["batch_size"], doc["run"]["batch_size_search"]
+    assert isinstance(chosen, int) and chosen in [t["batch_size"] for t in trials]
+    assert trials[-1]["batch_size"] == 256  # doubling stops at the training set (256 images)
+    assert all(r["batch_size"] == chosen for r in doc["depths"])
+    assert f"-> batch {chosen}" in capsys.readouterr().out
