@@ -2,6 +2,10 @@
 
 Bad input gets one line on stderr and exit code 2 before anything is written; a variant that fails
 during the sweep is recorded in its row and the sweep goes on.
+
+Under `torchrun` every rank runs this same `main` (bench.parallel: `--parallel data` trains each variant
+on all ranks with DDP, `--parallel variants` spreads the variants over the ranks); only rank 0 prints
+and writes, except each rank's own profiler traces.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from bench.config import ConfigError, load_profile, parse_config, profile_names,
 from bench.flops import matmul_ceiling_tflops
 from bench.measure import environment
 from bench.train import PRECISIONS
+from bench import batch_size
 from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from bench.evaluate import default_out_dir, evaluate_model, print_report
 from bench.plots import write_plots
@@ -30,6 +36,7 @@ from bench.trace import TraceError, check_writable
 from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.variants import Variant, make_variants
+from bench import distributed, parallel  # under torchrun: ranks, DDP, the two --parallel modes
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, num_classes, overlap, select_splits
 
@@ -106,7 +113,8 @@ FINISHED = ("ok", "oom", "nan", "overlap")
 # Settings that may differ between a run and its resumption.
 NOT_SETTINGS = {"profile", "profile_description", "out", "resume", "list_profiles", "list_layers", "dry_run",
                 "data_dir", "given", "trace", "trace_dir", "trace_steps", "save_checkpoint", "evaluate_best",
-                "ceiling_tflops"}
+                "ceiling_tflops", "parallel", "dist_timeout", "rank", "world_size"}
+# (`parallel` and the world size are checked apart: bench.parallel.check_resume.)
 
 
 class Terminated(KeyboardInterrupt):
@@ -128,6 +136,8 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
             saved_run, saved_rows = saved["run"], saved["depths"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--resume {out}: no readable results.json there ({type(e).__name__}: {e})") from None
+        if cfg.batch_size == "auto" and saved_run.get("batch_size_search"):  # found once, kept
+            cfg.batch_size, cfg.batch_size_search = saved_run["batch_size"], saved_run["batch_size_search"]
         dests = setting_names() - NOT_SETTINGS | {"variant_specs"}
         diff = [f"{k}: saved {saved_run.get(k)!r}, now {getattr(cfg, k)!r}"
                 for k in sorted(dests) if saved_run.get(k) != getattr(cfg, k)]
@@ -176,14 +186,59 @@ def load_splits(cfg: argparse.Namespace):
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
                         num_classes=cfg.num_classes, train_size=cfg.train_size)
     train, evaluation = select_splits(data, cfg.eval_split, cfg.final)
-    if len(train) < cfg.batch_size:
+    if cfg.batch_size != "auto" and len(train) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train)} training images")
     return data, train, evaluation
 
 
+def prepare(cfg: argparse.Namespace, variants, dist: distributed.Dist):
+    """Data, pretrained weights and the output directory, checked before anything is written.
+
+    Under torchrun every rank loads the data (each node's local rank 0 first, so a download happens
+    once per node) and rank 0 alone prepares the output directory; a user error on any rank is then
+    raised on every rank (ConfigError), so all of them exit 2 together instead of waiting for each other."""
+    error, result = None, None
+    try:
+        if not dist.is_local_leader:
+            distributed.barrier()  # ... until the node's local rank 0 has the files
+        try:
+            data, train, evaluation = load_splits(cfg)
+            # Every (model, weights) pair the variants use, loaded once, before anything is written.
+            pretrained = {}
+            for v in variants:
+                c = v.apply(cfg)
+                if (c.model, c.weights) not in pretrained:
+                    pretrained[c.model, c.weights] = load_pretrained(c.model, c.weights)
+        finally:
+            if dist.is_local_leader:
+                distributed.barrier()
+        if cfg.batch_size != "auto":
+            parallel.check_sizes(cfg, dist, len(train), len(evaluation))
+        if dist.is_main:
+            result = prepare_out(cfg)
+            if cfg.resume:
+                parallel.check_resume(result[0], cfg, dist)
+            if cfg.trace:
+                check_writable(Path(cfg.trace_dir or result[0] / "traces"))
+    except USER_ERRORS as e:
+        error = str(e)
+    failed = distributed.first_error(error)
+    if failed is not None:
+        rank, message = failed
+        raise ConfigError(message if dist.world_size == 1 else f"{message} (rank {rank})")
+    out, saved_rows = distributed.broadcast_object(result)  # rank 0's directory: its clock named it
+    return data, train, evaluation, pretrained, out, saved_rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        dist = distributed.from_env()  # torchrun's RANK / WORLD_SIZE; rank 0 of 1 without it
+    except ConfigError as e:
+        print(f"bench.run: error: {e}", file=sys.stderr)
+        return 2
     # Piped output (CI logs, files) gets rich's 80-column default; the results table needs more.
-    console = Console() if sys.stdout.isatty() else Console(width=180)
+    # Under torchrun only rank 0 prints: the other ranks' output would repeat it.
+    console = (Console() if sys.stdout.isatty() else Console(width=180)) if dist.is_main else Console(quiet=True)
     try:
         cfg = parse_config(argv)
         if cfg.list_profiles:
@@ -199,23 +254,30 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(console, cfg, variants, plans, device)
             return 0
         loader_class(cfg.loader)  # fails here, in one line, when e.g. DALI cannot be imported
-        data, train, evaluation = load_splits(cfg)
-        # Every (model, weights) pair the variants use, loaded once, before anything is written.
-        pretrained = {}
-        for v in variants:
-            c = v.apply(cfg)
-            if (c.model, c.weights) not in pretrained:
-                pretrained[c.model, c.weights] = load_pretrained(c.model, c.weights)
-        out, saved_rows = prepare_out(cfg)
-        cfg.trace = device.type == "cuda" if cfg.trace is None else cfg.trace
-        cfg.trace_dir = cfg.trace_dir or str(out / "traces")
-        if cfg.trace:
-            check_writable(Path(cfg.trace_dir))
-    except USER_ERRORS as e:
-        print(f"bench.run: error: {e}", file=sys.stderr)
+        parallel.check_config(cfg, dist)
+        device = distributed.rank_device(dist, device)  # cuda:LOCAL_RANK under torchrun
+    except USER_ERRORS as e:  # the same on every rank (same flags): rank 0 says it once
+        if dist.is_main:
+            print(f"bench.run: error: {e}", file=sys.stderr)
         return 2
+    distributed.init(dist, device, cfg.dist_timeout)  # the process group, when there are several ranks
+    cfg.trace = device.type == "cuda" if cfg.trace is None else cfg.trace
+    try:
+        data, train, evaluation, pretrained, out, saved_rows = prepare(cfg, variants, dist)
+    except USER_ERRORS as e:
+        if dist.is_main:
+            print(f"bench.run: error: {e}", file=sys.stderr)
+        return 2
+    cfg.trace_dir = cfg.trace_dir or str(out / "traces")
 
-    cfg.devices_used = 1
+    cfg.rank, cfg.world_size = dist.rank, dist.world_size
+    # Devices that train one variant (GPU-hours count each): the world under --parallel data, else 1.
+    cfg.devices_used = distributed.data_shard(cfg)[1]
+    data_parallel = cfg.devices_used > 1
+    spread = dist.world_size > 1 and not data_parallel  # --parallel variants under torchrun
+    if cfg.batch_size == "auto":
+        cfg.batch_size, cfg.batch_size_search = find_batch_size(console, cfg, variants, plans, len(train),
+                                                                data.num_classes, pretrained, device)
     # MFU's denominator, measured on this device in this run: a large matmul in the training dtype.
     cfg.ceiling_tflops = matmul_ceiling_tflops(device, PRECISIONS[cfg.precision])
     if device.type == "cuda":
@@ -226,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 "device_used": str(device), "num_classes": data.num_classes, "classes": data.classes,
                 "train_images": len(train), "eval_images": len(evaluation),
                 "eval_on": "test" if cfg.final else cfg.eval_split,
-                "variants": [v.name for v in variants], "env": environment(device)}
+                "variants": [v.name for v in variants], "env": environment(device),
+                "local_world_size": dist.local_world_size}
     # --resume: keep what finished, run the rest; rows stay in the order of the variants.
     order = {v.name: i for i, v in enumerate(variants)}
 
@@ -235,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted((r for r in saved_rows if r["variant"] in order or r.get("kind") == "final"), key=position)
     todo = [(v, p) for v, p in zip(variants, plans) if v.name not in {r["variant"] for r in rows}]
     run_info["resumed_rows"] = len(rows)
-    write_results(out, run_info, rows)
+    if dist.is_main:
+        write_results(out, run_info, rows)
     if cfg.resume:
         console.print(f"resuming {out}: {len(rows)} finished variants kept, {len(todo)} to run")
     console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
@@ -243,44 +307,96 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run_info['env']['device']} ({device.type}), {len(variants)} variants -> {out}")
     run_info["eval_overlap"], withhold = leakage_guard(train, evaluation, cfg.allow_overlap, console)
     # Input alone, at the run's settings: can the loader keep up with the fastest variant?
-    run_info.update(measure_loader(make_loader(cfg, train, device, train=True), device))
+    # Under --parallel data every rank measures its own shard at the same time, and the rates add up.
+    if dist.is_main or data_parallel:
+        speed = measure_loader(make_loader(cfg, train, device, train=True), device)
+        run_info.update(parallel.combine_loader_speeds(distributed.all_gather_objects(speed)) if data_parallel
+                        else speed)
 
     def on_row(row: dict) -> None:
         row["loader_images_per_s"] = run_info["loader_images_per_s"]
         rows.append(row)
         rows.sort(key=position)
-        write_results(out, run_info, rows)
-
+        if dist.is_main:
+            write_results(out, run_info, rows)
+    # Under --parallel data the trained weights are the same on every rank: rank 0 saves them. Under
+    # --parallel variants the rank that trained a variant saves it, and rank 0 promotes the best.
     checkpoints = Checkpoints(out / "checkpoints", cfg.save_checkpoint, data.classes, rows)
+    on_trained = checkpoints.on_trained if dist.is_main else None
+    candidates = parallel.CandidateCheckpoints(out / "checkpoints", cfg.save_checkpoint, data.classes,
+                                               checkpoint_settings)
+    row_sink = parallel.DataParallelRows(dist, on_row) if data_parallel else on_row
     hours = "GPU-h" if device.type == "cuda" else "device-h"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with LiveProgress(console, len(todo)) as live:
-            run_sweep(cfg, [v for v, _ in todo], [p for _, p in todo], (train, evaluation), data.num_classes,
-                      pretrained, device, on_row=on_row, on_progress=live.update, withhold=withhold,
-                      on_trained=checkpoints.on_trained)
+            def sweep(todo_variants, todo_plans, sink, trained_hook):
+                return run_sweep(cfg, todo_variants, todo_plans, (train, evaluation), data.num_classes, pretrained,
+                                 device, on_row=sink, on_progress=live.update, withhold=withhold,
+                                 on_trained=trained_hook)
+            if spread:  # --parallel variants: each rank trains whole variants from a shared queue
+                parallel.run_variant_queue(dist, todo, lambda v, p, publish: sweep([v], [p], publish,
+                                                                                   candidates.on_trained), on_row)
+                if not dist.is_main:
+                    distributed.destroy()
+                    return 0  # rank 0 reports for all; a non-zero exit would make torchrun stop it
+                best = max((r for r in rows if r.get("status") == "ok"), key=_rank, default=None)
+                candidates.promote(best, checkpoints.best_path, {v.name for v, _ in todo})
+                checkpoints.best = _rank(best) if best is not None else None
+            else:
+                sweep([v for v, _ in todo], [p for _, p in todo], row_sink, on_trained)
             final = final_variant(cfg, variants, rows)
             if final is not None:  # seed 000's last step: the best variant, on train + val, scored on test
                 splits = select_splits(data, cfg.eval_split, final=True)
                 _, final_withhold = leakage_guard(*splits, cfg.allow_overlap, console)
                 run_sweep(cfg, [final], plan_variants(cfg, [final], data.num_classes), splits, data.num_classes,
-                          pretrained, device, on_row=on_row, on_progress=live.update, withhold=final_withhold,
-                          on_trained=checkpoints.on_trained)
+                          pretrained, device, on_row=row_sink, on_progress=live.update, withhold=final_withhold,
+                          on_trained=on_trained if not spread else checkpoints.on_trained)
     except KeyboardInterrupt as e:
         finished = sum(r["status"] in FINISHED for r in rows)
         console.print(results_table(rows, f"interrupted: {finished}/{len(variants)} variants finished", hours))
-        print(f"bench.run: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished variants "
-              f"are in {out}/results.json; finish with --resume {out}", file=sys.stderr)
+        if dist.is_main:
+            print(f"bench.run: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished variants "
+                  f"are in {out}/results.json; finish with --resume {out}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except parallel.RankFailure as e:  # --parallel data: this rank's variant failed; torchrun stops the others
+        distributed.record_failure(e)
+        print(f"bench.run: {e}" + ("" if not dist.is_main else f"; finished variants are in {out}/results.json, "
+                                   f"finish with --resume {out}"), file=sys.stderr)
+        return 1
+    except Exception as e:  # under torchrun: a collective failed because another rank stopped
+        if dist.world_size == 1:
+            raise
+        distributed.record_failure(e)
+        print(f"bench.run: rank {dist.rank}: stopped, another rank failed ({type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    # The process group ends here on a normal finish (after a failure, the exit tears it down).
+    distributed.destroy()
+    if not dist.is_main:
+        return 0  # rank 0 reports for all; a non-zero exit would make torchrun stop it mid-report
     table = results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
                                 f"{device.type} ({run_info['env']['device']})", hours)
     console.print(table)
-    console.print(f"loader alone: {run_info['loader_images_per_s']:,.0f} img/s ({cfg.loader}); "
+    loader_speed = run_info["loader_images_per_s"]
+    console.print(f"loader alone: {'-' if loader_speed is None else f'{loader_speed:,.0f}'} img/s ({cfg.loader}); "
                   f"results: {out / 'results.json'}, {out / 'results.csv'}")
     write_artifacts(console, cfg, out, run_info, rows, table, data, checkpoints.best_path, device)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def find_batch_size(console: Console, cfg: argparse.Namespace, variants, plans: list[dict], train_images: int,
+                    num_classes: int, pretrained, device: torch.device) -> tuple[int, list[dict]]:
+    """--batch-size auto, on the variant that trains the most parameters (the most memory)."""
+    heaviest = max(zip(variants, plans), key=lambda vp: vp[1]["trainable_params"])[0]
+    chosen, trials = batch_size.search(batch_size.trial_step(heaviest.apply(cfg), num_classes, pretrained, device),
+                                       limit=min(batch_size.LIMIT, train_images))
+    tried = ", ".join(f"{t['batch_size']}: " + ("out of memory" if t.get("oom") else f"{t['images_per_s']:,.0f} img/s")
+                      for t in trials)
+    console.print(f"--batch-size auto on {heaviest.name}: {tried} -> batch {chosen}")
+    return chosen, trials
 
 
 class Checkpoints:
@@ -294,13 +410,18 @@ class Checkpoints:
         self.best = max((_rank(r) for r in saved_rows if r.get("status") == "ok"), default=None)
 
     def on_trained(self, model, row: dict, cfg: argparse.Namespace) -> None:
-        settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS | {"variant_specs"}}
+        settings = checkpoint_settings(cfg)
         if self.keep_all:
             save_checkpoint(self.folder / f"{row['variant']}.pt", model, settings=settings, row=row,
                             classes=self.classes)
         if self.best is None or _rank(row) > self.best:
             self.best = _rank(row)
             save_checkpoint(self.best_path, model, settings=settings, row=row, classes=self.classes)
+
+
+def checkpoint_settings(cfg: argparse.Namespace) -> dict:
+    """What a checkpoint keeps of the settings: enough to rebuild the model and its evaluation split."""
+    return {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS | {"variant_specs"}}
 
 
 def _rank(row: dict) -> tuple:
@@ -347,5 +468,10 @@ def evaluate_best(console: Console, out: Path, best_path: Path, data, device: to
     return {**result, "dir": str(folder)}
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"bench.run: warning: {message}\n"
+
+
 if __name__ == "__main__":
+    warnings.formatwarning = _one_line_warning  # warnings are for users here: no source line dumps
     sys.exit(main())

@@ -94,6 +94,10 @@ class VariantTrace:
             except OSError as e:
                 warnings.warn(f"--trace: could not write the trace to {run_dir} ({e.strerror or e})", stacklevel=2)
             self.export_s = time.perf_counter() - start
+            for f in trace_files(run_dir):
+                if f.stat().st_size > TRACE_WARN_BYTES:
+                    warnings.warn(f"--trace: {f} is {f.stat().st_size / 2**20:.0f} MB, too large for the profiler "
+                                  "plugin to show; use fewer --trace-steps", stacklevel=2)
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         # Shapes and memory for the plugin's operator and memory views; no Python stacks (they multiply

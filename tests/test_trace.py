@@ -71,3 +71,25 @@ def test_gpu_summary_ranks_kernels_and_measures_idle(tmp_path):
 
 def test_no_trace_file_no_summary(tmp_path):
     assert summarise_trace(tmp_path) is None
+
+
+TINY = ["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+        "--loader", "torch", "--unfreeze", "1", "--no-evaluate-best"]
+
+
+def test_unwritable_trace_dir_is_one_line_and_exit_2(tmp_path, capsys):
+    from bench.run import main
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert main([*TINY, "--trace", "--trace-dir", str(blocked / "traces"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench.run: error: --trace-dir") and "not writable" in err and len(err.splitlines()) == 1
+
+
+def test_run_too_short_to_trace_warns_and_finishes(tmp_path, recwarn):
+    from bench.run import main
+    out = tmp_path / "run"
+    assert main([*TINY, "--trace", "--max-steps", "1", "--out", str(out)]) == 0
+    assert any("too few to trace" in str(w.message) for w in recwarn)
+    row = json.loads((out / "results.json").read_text())["depths"][0]
+    assert row["status"] == "ok" and "trace" not in row
