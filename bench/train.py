@@ -83,6 +83,11 @@ class EvalStats:
     wall_s: float = 0.0
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
 class Trainer:
     """Owns the forward (compiled or eager), loss, optimizer, scheduler and mixed-precision state."""
 
@@ -102,6 +107,7 @@ class Trainer:
         self.data_parallel = data_parallel
         trained = distributed.wrap_ddp(model, device, compiled=compile) if data_parallel else model
         self.forward = torch.compile(trained, mode=compile_mode) if compile else trained
+        self.compiled = compile
         self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
 
@@ -173,13 +179,19 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct1 = torch.zeros((), device=self.device, dtype=torch.int64)
         correctk = torch.zeros_like(correct1)
-        n = 0
+        n, full = 0, None
         synchronize(self.device)
         start = time.perf_counter()
         for x, y in loader:
             timer.mark()
+            full = full or x.shape[0]
+            rows = x.shape[0]
+            if self.compiled and rows < full:
+                # A compiled forward sees one shape only: pad the last partial batch instead of
+                # recompiling (eval-mode BatchNorm keeps the samples independent, so padding changes nothing).
+                x = torch.cat([x, x.new_zeros((full - rows, *x.shape[1:]))]).contiguous(memory_format=_layout(x))
             with self.autocast():
-                logits = self.forward(x)
+                logits = self.forward(x)[:rows]
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
             topk = logits.topk(k, dim=1).indices
             hits = topk == y[:, None]

@@ -91,3 +91,27 @@ def test_batch_size_auto_is_found_once_and_used_by_every_variant(tmp_path, capsy
     assert trials[-1]["batch_size"] == 256  # doubling stops at the training set (256 images)
     assert all(r["batch_size"] == chosen for r in doc["depths"])
     assert f"-> batch {chosen}" in capsys.readouterr().out
+
+
+def test_compiled_evaluation_pads_the_last_batch_instead_of_recompiling():
+    import torch
+
+    from bench.train import Trainer, make_optimizer, make_scheduler
+    from models import build_model
+
+    torch._dynamo.reset()
+    model = build_model("resnet18", 10, None, "linear").to(memory_format=torch.channels_last)
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=0, momentum=0, device=torch.device("cpu"))
+    sched = make_scheduler("none", opt, total_steps=1, steps_per_epoch=1, step_size=1, gamma=1)
+    kw = dict(device=torch.device("cpu"), precision="fp32", compile_mode=None, optimizer=opt, scheduler=sched)
+    x = torch.randn(20, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (20,))
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]  # the last one is partial
+    eager = Trainer(model, compile=False, **kw).evaluate(batches, 10)
+    compiled_trainer = Trainer(model, compile=True, **kw)
+    compiled = compiled_trainer.evaluate(batches, 10)
+    assert compiled.images == 20 and compiled.top1 == eager.top1
+    assert abs(compiled.loss - eager.loss) < 1e-4
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] == 1  # one shape, one graph
+    torch._dynamo.reset()
