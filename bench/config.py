@@ -49,6 +49,11 @@ def int_in(low: int, high: int):
     return parse
 
 
+def batch_size_arg(text: str) -> int | str:
+    """A batch size, or `auto` (bench.batch_size finds the fastest that fits)."""
+    return "auto" if text == "auto" else int_in(1, 65536)(text)
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -143,7 +148,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="throughput mode: train each variant for --warmup-steps + this many timed steps, no evaluation")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="train each variant at most this many steps (evaluated as usual; --smoke uses it)")
-    g.add_argument("--batch-size", type=int_in(1, 65536), default=1024, help="training batch size (per rank under torchrun)")
+    g.add_argument("--batch-size", type=batch_size_arg, default=1024,
+                   help="training batch size (per rank under torchrun), or auto: the fastest power of two that "
+                        "fits, found once per run on the variant with the most trainable parameters")
     g.add_argument("--eval-batch-size", type=int_in(1, 65536), default=None, help="evaluation batch size (default: --batch-size)")
     g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=non_negative_float, default=1e-3, help="learning rate")
@@ -217,9 +224,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError("--oom-scale-lr needs --oom retry")
     if cfg.feature_cache and cfg.augment != "none":
         raise ConfigError(f"--feature-cache needs --augment none (--augment {cfg.augment} changes the frozen "
-                          "layers' input every epoch)")
+                          "layers' input every epoch); add --no-feature-cache")
     if cfg.feature_cache and (cfg.frozen_bn != "eval" or not cfg.split_trunk):
-        raise ConfigError("--feature-cache needs the frozen prefix split off: --split-trunk and --frozen-bn eval")
+        raise ConfigError("--feature-cache needs the frozen prefix split off (--split-trunk and --frozen-bn eval); "
+                          "add --no-feature-cache")
     if cfg.steps and cfg.max_steps:
         raise ConfigError("--steps (throughput mode) and --max-steps contradict each other; give one")
     return cfg
@@ -235,7 +243,8 @@ def shrink(cfg: argparse.Namespace) -> None:
     classes = num_classes(cfg.dataset, cfg.num_classes)
     cfg.dataset, cfg.num_classes, cfg.weights = "synthetic", classes, "none"
     cfg.train_size, cfg.val_size, cfg.image_size = max(256, 2 * classes), max(128, classes), 32
-    cfg.max_steps, cfg.batch_size, cfg.eval_batch_size = cfg.max_steps or 4, min(cfg.batch_size, 32), None
+    cfg.max_steps, cfg.batch_size, cfg.eval_batch_size = cfg.max_steps or 4, \
+        cfg.batch_size if cfg.batch_size == "auto" else min(cfg.batch_size, 32), None
     cfg.workers, cfg.compile, cfg.compile_mode, cfg.warmup_steps = 1, False, None, 1
     # variants may set their own sizes or weights: the miniature overrides those too
     smoke = {"weights": "none", "image_size": 32}

@@ -32,6 +32,13 @@ def test_seed000_layerwise_plan():
     assert cfg.augment == "none" and cfg.normalize == "cifar" and cfg.final_best
     assert [p["unfreeze"] for p in plans] == [1, 3, 6, 12, 15, 25]
     assert [p["trainable_tensors"] for p in plans] == [2, 5, 10, 19, 25, 40]
+    assert cfg.feature_cache  # augment none: the frozen layers run once per image
+
+
+def test_seed000_original_choice_needs_the_cache_off(capsys):
+    assert main(["--profile", "seed000-layerwise", "--frozen-bn", "train", "--dry-run"]) == 2
+    assert "add --no-feature-cache" in capsys.readouterr().err
+    assert main(["--profile", "seed000-layerwise", "--frozen-bn", "train", "--no-feature-cache", "--dry-run"]) == 0
 
 
 def test_seed001_three_ways_plan():
