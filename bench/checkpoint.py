@@ -4,7 +4,7 @@ A checkpoint is one `torch.save` file holding a plain dict (only dicts, lists, s
 CPU tensors, so `torch.load(..., weights_only=True)` reads it without unpickling arbitrary objects):
 
     {"format": "finetune-bench-checkpoint", "version": 1,
-     "state_dict": {name: tensor},   # the bare model's (a torch.compile wrapper is unwrapped)
+     "state_dict": {name: tensor},   # the bare model's (torch.compile and DDP wrappers unwrapped)
      "settings": {...},              # the run's settings (JSON-able values only): model, head, dataset...
      "row": {...},                   # the variant's identifying and accuracy fields of its result row
      "classes": [names],             # what each output index means
@@ -15,15 +15,14 @@ CPU tensors, so `torch.load(..., weights_only=True)` reads it without unpickling
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.files import atomic_write
 from models import ModelError, build_model
 
 FORMAT = "finetune-bench-checkpoint"
@@ -55,6 +54,8 @@ def save_checkpoint(path: Path, model: nn.Module, *, settings: dict, row: dict, 
     crash mid-write never leaves a truncated file under `path`."""
     path = Path(path)
     bare = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key with _orig_mod.
+    if isinstance(bare, nn.parallel.DistributedDataParallel):  # ... and DDP's with module.
+        bare = getattr(bare.module, "_orig_mod", bare.module)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -64,24 +65,7 @@ def save_checkpoint(path: Path, model: nn.Module, *, settings: dict, row: dict, 
         "classes": [str(c) for c in classes],
         "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the checkpoint private
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:

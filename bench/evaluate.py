@@ -34,9 +34,7 @@ import contextlib
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from itertools import zip_longest
 from pathlib import Path
 
@@ -47,12 +45,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from bench.checkpoint import (
-    CheckpointError,
-    _umask,
-    build_from_checkpoint,
-    load_checkpoint,
-)
+from bench.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from bench.files import atomic_write, ensure_writable
 from bench.config import ConfigError, Parser, int_in
 from bench.sweep import make_loader
 from bench.train import PRECISIONS
@@ -157,18 +151,6 @@ def class_report(cm: np.ndarray, classes: list[str]) -> tuple[list[dict], dict, 
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
@@ -280,14 +262,14 @@ def evaluate_model(model: nn.Module, cfg: argparse.Namespace, split: Split, clas
                                                    ("confusion_matrix", "confusion_matrix.png"),
                                                    ("predictions", "predictions.png"))},
     }
-    _atomic_write(out_dir / "classification_report.csv", _report_csv([*per_class, macro, weighted]))
+    atomic_write(out_dir / "classification_report.csv", _report_csv([*per_class, macro, weighted]))
     what = f"{name}: {cfg.dataset} {split_name}, {n} images"
-    _atomic_write(out_dir / "confusion_matrix.png",
+    atomic_write(out_dir / "confusion_matrix.png",
                   _png(plot_confusion(cm, classes, f"{what}, top-1 {result['top1']:.2f} %")))
-    _atomic_write(out_dir / "predictions.png",
+    atomic_write(out_dir / "predictions.png",
                   _png(plot_predictions(split.images, labels, pred, classes, indices, f"{what} (seed {seed})")))
     # Last: a directory with evaluation.json is a complete evaluation.
-    _atomic_write(out_dir / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write(out_dir / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
 
 
@@ -350,15 +332,6 @@ def default_out_dir(checkpoint: Path, variant: str, split: str, dataset: str | N
     return base / "evaluation" / "-".join(part for part in (variant, dataset, split) if part)
 
 
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
@@ -383,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"checkpoint's {cfg.model} classifies {len(classes)} classes; "
                                   f"{cfg.dataset} has {data.num_classes}")
         model = build_from_checkpoint(ckpt, data.num_classes)
-        _writable(out)  # last: bad input leaves nothing behind
+        ensure_writable(out, "--out")  # last: bad input leaves nothing behind
     except USER_ERRORS as e:
         print(f"bench.evaluate: error: {e}", file=sys.stderr)
         return 2

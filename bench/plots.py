@@ -14,14 +14,14 @@ values never raise.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from bench.files import atomic_write
 
 FIGSIZE, DPI = (12.0, 4.0), 100
 MARKERS = "osD^vP*Xph"
@@ -38,8 +38,8 @@ def write_plots(out: Path, run: dict, rows: list[dict]) -> list[Path]:
         if fig is None:
             continue
         path = Path(out) / "plots" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(fig, path)
+        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=DPI))
+        fig.clear()  # drop the artists now rather than whenever the collector runs
         written.append(path)
     return written
 
@@ -215,16 +215,3 @@ def _split(run: dict) -> str:
     return "test" if run.get("eval_on") == "test" else "validation"
 
 
-def _atomic_save(fig: Figure, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        fig.clear()  # drop the artists now rather than whenever the collector runs

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.files import atomic_write
 from bench.schema import SCHEMA_VERSION
 
 # (key, header, format) for the terminal table; README.md explains each column.
@@ -55,19 +54,6 @@ def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h
     return table
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _flat(row: dict) -> dict:
     flat = {}
     for key, value in row.items():
@@ -81,14 +67,14 @@ def write_results(out: Path, run: dict, rows: list[dict]) -> None:
     """results.json (`{"run": ..., "depths": [...]}`) and results.csv (one flat row per variant)."""
     out.mkdir(parents=True, exist_ok=True)
     doc = {"schema_version": SCHEMA_VERSION, "run": run, "depths": rows}
-    _atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     flat = [_flat(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(flat)
-    _atomic_write(out / "results.csv", buffer.getvalue())
+    atomic_write(out / "results.csv", buffer.getvalue())
 
 
 class LiveProgress:
@@ -205,5 +191,3 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    _atomic_write(path, text)

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-import tempfile
+import traceback
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
+from bench.files import atomic_write, ensure_writable
 from bench.flops import matmul_ceiling_tflops
 from bench.measure import environment
 from bench.train import PRECISIONS
@@ -31,8 +32,7 @@ from bench import batch_size
 from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from bench.evaluate import default_out_dir, evaluate_model, print_report
 from bench.plots import write_plots
-from bench.report import LiveProgress, markdown_report, render_text, results_table, trace_table, write_results, write_text
-from bench.trace import TraceError, check_writable
+from bench.report import LiveProgress, markdown_report, render_text, results_table, trace_table, write_results
 from bench.loaders import measure_loader
 from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.variants import Variant, make_variants
@@ -40,7 +40,7 @@ from bench import distributed, parallel  # under torchrun: ranks, DDP, the two -
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, num_classes, overlap, select_splits
 
-USER_ERRORS = (ConfigError, ModelError, DataError, TraceError)
+USER_ERRORS = (ConfigError, ModelError, DataError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,12 +147,7 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
     out = Path(cfg.out or f"runs/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{cfg.profile}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not empty; finish it with --resume {out}, or choose another")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
+    ensure_writable(out, "--out")
     return out, []
 
 
@@ -219,13 +214,13 @@ def prepare(cfg: argparse.Namespace, variants, dist: distributed.Dist):
             if cfg.resume:
                 parallel.check_resume(result[0], cfg, dist)
             if cfg.trace:
-                check_writable(Path(cfg.trace_dir or result[0] / "traces"))
+                ensure_writable(Path(cfg.trace_dir or result[0] / "traces"), "--trace-dir")
     except USER_ERRORS as e:
         error = str(e)
     failed = distributed.first_error(error)
     if failed is not None:
         rank, message = failed
-        raise ConfigError(message if dist.world_size == 1 else f"{message} (rank {rank})")
+        raise ConfigError(message if rank == 0 else f"{message} (rank {rank})")
     out, saved_rows = distributed.broadcast_object(result)  # rank 0's directory: its clock named it
     return data, train, evaluation, pretrained, out, saved_rows
 
@@ -363,13 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         distributed.record_failure(e)
         print(f"bench.run: {e}" + ("" if not dist.is_main else f"; finished variants are in {out}/results.json, "
                                    f"finish with --resume {out}"), file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr, end="")
         return 1
-    except Exception as e:  # under torchrun: a collective failed because another rank stopped
+    except Exception as e:  # under torchrun, mostly: a collective failed because another rank stopped first
         if dist.world_size == 1:
             raise
         distributed.record_failure(e)
-        print(f"bench.run: rank {dist.rank}: stopped, another rank failed ({type(e).__name__}: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", file=sys.stderr)
+        print(f"bench.run: rank {dist.rank}: stopped by {type(e).__name__} (when another rank failed first, "
+              f"torchrun's summary names it):", file=sys.stderr)
+        traceback.print_exc()
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -447,8 +445,8 @@ def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_in
     evaluation = None
     if cfg.evaluate_best and best_path.exists():
         evaluation = attempt("evaluating the best variant", lambda: evaluate_best(console, out, best_path, data, device))
-    write_text(out / "table.txt", render_text(table))
-    write_text(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
+    atomic_write(out / "table.txt", render_text(table))
+    atomic_write(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
     console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {cfg.trace_dir}"
                                                      if any(r.get("trace") for r in rows) else ""))
 

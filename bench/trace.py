@@ -28,10 +28,6 @@ LAYOUT_KERNELS = re.compile(r"nchwToNhwc|nhwcToNchw", re.IGNORECASE)
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-class TraceError(Exception):
-    """Tracing cannot be done as asked (one line for the user)."""
-
-
 @dataclass(frozen=True)
 class TraceWindow:
     wait: int
@@ -61,17 +57,6 @@ def plan_window(total_steps: int, skip: int, active: int) -> TraceWindow | None:
                   f"{active} traced the schedule needs; tracing steps {window.wait + PROFILER_WARMUP + 1}.."
                   f"{window.wait + PROFILER_WARMUP + fit_active} instead", stacklevel=2)
     return window
-
-
-def check_writable(trace_dir: Path) -> None:
-    """Fail before training, not after the first traced step."""
-    try:
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        probe = trace_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise TraceError(f"--trace-dir {trace_dir}: not writable ({e.strerror or e})") from None
 
 
 class VariantTrace:
