@@ -220,13 +220,14 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, compiled: bool) -> nn.Mo
     is needed (find_unused_parameters off). `static_graph` (the same parameters are used every step,
     which holds for a fixed freeze plan) lets DDP skip per-step bookkeeping; it is left off when the
     model is compiled, because dynamo's DDPOptimizer, which splits the compiled graph at bucket
-    boundaries, is not documented to support it (pytorch#93672, #109261). Buffers are not broadcast
-    before every forward (that would be a collective in evaluation, where ranks run different numbers
-    of batches); `average_buffers` reconciles them before each evaluation instead."""
+    boundaries, is not documented to support it (pytorch#93672, #109261). Buffers are synced once at
+    construction but not before every forward (that would be a collective inside evaluation, where
+    ranks may run different numbers of batches); `average_buffers` reconciles them before each
+    evaluation instead."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=bucket_cap_mb(trainable), broadcast_buffers=False,
+        bucket_cap_mb=bucket_cap_mb(trainable), forward_sync_buffers=False,
         find_unused_parameters=False, static_graph=not compiled)
 
 

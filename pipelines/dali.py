@@ -12,6 +12,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines.augment import Augment, augment_spec
+from pipelines.loaders import shard, shard_size
 
 class EpochSource:
     """`external_source` callback: one batch of (images, labels) per call, shuffled per epoch.
@@ -20,12 +21,16 @@ class EpochSource:
     prefetching asks for the next epoch's first batches before the current epoch has been consumed.
     Raising StopIteration ends the epoch. Training drops the last partial batch (constant shapes for
     compiled steps and honest step times); evaluation keeps it so every image is scored once.
+    With `world_size` > 1 the source serves rank `rank`'s shard of every epoch's order
+    (`pipelines.loaders.shard`: training drops the remainder so every rank runs the same steps).
     """
 
-    def __init__(self, images, labels, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
+    def __init__(self, images, labels, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
-        self.n = len(labels)
+        self.rank, self.world_size, self.total = rank, world_size, len(labels)
+        self.n = shard_size(self.total, rank, world_size, even=drop_last)
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
@@ -34,8 +39,9 @@ class EpochSource:
 
     def _order_for(self, epoch: int):
         if epoch != self._epoch:
-            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                     else np.arange(self.n))
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.total) if self.shuffle
+                     else np.arange(self.total))
+            order = shard(order, self.rank, self.world_size, even=self.drop_last)
             if isinstance(self.images, torch.Tensor):
                 order = torch.from_numpy(order).to(self.images.device)
             self._epoch, self._order = epoch, order
@@ -93,7 +99,8 @@ class DaliLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
                  image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
-                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2):
+                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2,
+                 rank: int = 0, world_size: int = 1):
         aug = augment_spec(augment)
         if not train:
             aug = augment_spec("none")  # evaluation never augments
@@ -101,13 +108,17 @@ class DaliLoader:
         if on_gpu:  # the whole uint8 split on the GPU once: CIFAR's 50k images are 150 MB
             images = torch.from_numpy(images).to(device)
             labels = torch.from_numpy(labels).to(device)
-        self.source = EpochSource(images, labels, batch_size, shuffle=train, drop_last=train, seed=seed)
+        self.source = EpochSource(images, labels, batch_size, shuffle=train, drop_last=train, seed=seed,
+                                  rank=rank, world_size=world_size)
+        # The order is shared by all ranks; DALI's per-sample random draws must not be, or every rank
+        # would crop and flip its i-th image exactly as the others do.
+        op_seed = seed if world_size == 1 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
         pipe = image_pipeline(
             self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
             dtype=types.FLOAT16 if half and on_gpu else types.FLOAT,
             batch_size=batch_size, num_threads=max(1, num_threads),
             device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
-            seed=seed, prefetch_queue_depth=prefetch)
+            seed=op_seed, prefetch_queue_depth=prefetch)
         # auto_reset: the next `for` loop starts the next epoch.
         self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
 

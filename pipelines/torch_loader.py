@@ -21,6 +21,11 @@ Randomness: one `torch.Generator` on `device`, re-seeded at the start of every e
 (batch x 9) uniform tensor holding every per-sample parameter. A run is therefore reproducible from
 `seed` on a given device type; CPU and CUDA generators are different algorithms, so the same seed
 gives different (equally distributed) draws on the two.
+
+Sharding (`rank`, `world_size`): every rank draws the same permutation and, for every step, the same
+(global batch x 9) parameters, and keeps its rows of both (`pipelines.loaders.shard`). Rank r's
+images and their augmentation are therefore exactly the ones a single process with batch
+`batch_size * world_size` would give the same images at the same step.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.augment import Augment, augment_spec
+from pipelines.loaders import shard, shard_size
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights (torchvision: 0.2989, 0.587, 0.114)
 
@@ -144,9 +150,11 @@ class TorchLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
                  image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
-                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2):
+                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2,
+                 rank: int = 0, world_size: int = 1):
         spec = augment_spec(augment)  # unknown names fail even for evaluation
         self.aug: Augment = spec if train else Augment()  # evaluation never augments
+        self.rank, self.world_size = rank, world_size
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be N x H x W x 3 uint8, got {images.dtype} {images.shape}")
         self.device = torch.device(device)
@@ -169,7 +177,8 @@ class TorchLoader:
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.train else math.ceil(self.n / self.batch_size)
+        n = shard_size(self.n, self.rank, self.world_size, even=self.train)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -177,6 +186,7 @@ class TorchLoader:
         gen.manual_seed(epoch_seed(self.seed, epoch))
         order = (torch.randperm(self.n, generator=gen, device=self.device) if self.train
                  else torch.arange(self.n, device=self.device))
+        order = shard(order, self.rank, self.world_size, even=self.train)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self._batch(idx, gen), self.labels[idx]
@@ -184,7 +194,9 @@ class TorchLoader:
     def _batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         aug, pad = self.aug, self.aug.pad
         if self._random:
-            u = torch.rand((idx.shape[0], 9), generator=gen, device=self.device)
+            # drawn for the global batch, so every rank's generator stays in step; this rank's rows
+            u = torch.rand((idx.shape[0] * self.world_size, 9), generator=gen, device=self.device)
+            u = shard(u, self.rank, self.world_size, even=True)
         if aug.flip or pad:
             # one gather: sample, then a (row, column) grid shifted by the crop offset and mirrored
             rows, cols = self._rows, self._cols

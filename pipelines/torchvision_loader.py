@@ -16,6 +16,9 @@ re-seeds torch's CPU generator from (seed, epoch, sample index) before transform
 depends only on (seed, epoch, index), whatever the number of workers or how the batches are spread
 over them. In the main process (num_threads=0) the caller's global RNG state is saved and restored
 around each sample.
+
+Sharding (`rank`, `world_size`): the sampler keeps rank `rank`'s part of every epoch's permutation
+(`pipelines.loaders.shard`); a sample's augmentation still depends only on (seed, epoch, index).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from pipelines.augment import Augment, augment_spec
+from pipelines.loaders import shard, shard_size
 
 _MASK = (1 << 64) - 1
 
@@ -91,14 +95,16 @@ class ArrayDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (index, epoch): a permutation seeded from (seed, epoch) when shuffling, else in order."""
+    """Yields (index, epoch): a permutation seeded from (seed, epoch) when shuffling, else in order;
+    with `world_size` > 1, rank `rank`'s shard of it (the remainder dropped when shuffling, i.e. training)."""
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int):
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.n
+        return shard_size(self.n, self.rank, self.world_size, even=self.shuffle)
 
     def __iter__(self):
         if self.shuffle:
@@ -106,6 +112,7 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=gen).tolist()
         else:
             order = range(self.n)
+        order = shard(order, self.rank, self.world_size, even=self.shuffle)
         epoch = self.epoch
         return ((i, epoch) for i in order)
 
@@ -119,7 +126,8 @@ class TorchvisionLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
                  image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
-                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2):
+                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2,
+                 rank: int = 0, world_size: int = 1):
         spec = augment_spec(augment)  # unknown names fail even for evaluation
         aug = spec if train else Augment()  # evaluation never augments
         self.device = torch.device(device)
@@ -128,7 +136,7 @@ class TorchvisionLoader:
         transform = build_transform(aug, size=images.shape[1], image_size=image_size, mean=mean, std=std)
         dataset = ArrayDataset(images, np.asarray(labels, dtype=np.int64), transform, seed=seed,
                                random=aug != Augment())
-        self.sampler = EpochSampler(len(labels), shuffle=train, seed=seed)
+        self.sampler = EpochSampler(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world_size)
         workers = max(0, int(num_threads))
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train, num_workers=workers,
@@ -140,7 +148,8 @@ class TorchvisionLoader:
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.train else math.ceil(self.n / self.batch_size)
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         self.sampler.epoch, self.epoch = self.epoch, self.epoch + 1
