@@ -23,20 +23,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
-from bench.files import atomic_write, ensure_writable
-from bench.flops import matmul_ceiling_tflops
-from bench.measure import environment
-from bench.train import PRECISIONS
 from bench import batch_size
-from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from bench.evaluate import default_out_dir, evaluate_model, print_report
-from bench.plots import write_plots
-from bench.report import LiveProgress, markdown_report, render_text, results_table, trace_table, write_results
-from bench.loaders import measure_loader
-from bench.sweep import make_loader, plan_variants, run_sweep
-from bench.variants import Variant, make_variants
 from bench import distributed, parallel  # under torchrun: ranks, DDP, the two --parallel modes
+from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
+from bench.files import ensure_writable
+from bench.flops import matmul_ceiling_tflops
+from bench.loaders import measure_loader
+from bench.measure import environment
+from bench.outputs import Checkpoints, best_key, write_artifacts
+from bench.report import LiveProgress, results_table, write_results
+from bench.sweep import make_loader, plan_variants, run_sweep
+from bench.train import PRECISIONS
+from bench.variants import Variant, make_variants
 from models import ModelError, build_model, layers, load_pretrained
 from pipelines import DataError, load_dataset, loader_class, num_classes, overlap, select_splits
 
@@ -316,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results(out, run_info, rows)
     # Under --parallel data the trained weights are the same on every rank: rank 0 saves them. Under
     # --parallel variants the rank that trained a variant saves it, and rank 0 promotes the best.
-    checkpoints = Checkpoints(out / "checkpoints", cfg.save_checkpoint, data.classes, rows)
+    checkpoints = Checkpoints(out / "checkpoints", cfg.save_checkpoint, data.classes, rows, checkpoint_settings)
     on_trained = checkpoints.on_trained if dist.is_main else None
     candidates = parallel.CandidateCheckpoints(out / "checkpoints", cfg.save_checkpoint, data.classes,
                                                checkpoint_settings)
@@ -335,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not dist.is_main:
                     distributed.destroy()
                     return 0  # rank 0 reports for all; a non-zero exit would make torchrun stop it
-                best = max((r for r in rows if r.get("status") == "ok"), key=_rank, default=None)
+                best = max((r for r in rows if r.get("status") == "ok"), key=best_key, default=None)
                 candidates.promote(best, checkpoints.best_path, {v.name for v, _ in todo})
-                checkpoints.best = _rank(best) if best is not None else None
+                checkpoints.best = best_key(best) if best is not None else None
             else:
                 sweep([v for v, _ in todo], [p for _, p in todo], row_sink, on_trained)
             final = final_variant(cfg, variants, rows)
@@ -397,73 +395,9 @@ def find_batch_size(console: Console, cfg: argparse.Namespace, variants, plans: 
     return chosen, trials
 
 
-class Checkpoints:
-    """`checkpoints/best.pt`: the best variant so far (the --final-best row beats any validation row);
-    with --save-checkpoint also `checkpoints/<variant>.pt` for every variant."""
-
-    def __init__(self, folder: Path, keep_all: bool, classes: list[str], saved_rows: list[dict]):
-        self.folder, self.keep_all, self.classes = folder, keep_all, classes
-        self.best_path = folder / "best.pt"
-        # a resumed run's best.pt belongs to the best of its kept rows
-        self.best = max((_rank(r) for r in saved_rows if r.get("status") == "ok"), default=None)
-
-    def on_trained(self, model, row: dict, cfg: argparse.Namespace) -> None:
-        settings = checkpoint_settings(cfg)
-        if self.keep_all:
-            save_checkpoint(self.folder / f"{row['variant']}.pt", model, settings=settings, row=row,
-                            classes=self.classes)
-        if self.best is None or _rank(row) > self.best:
-            self.best = _rank(row)
-            save_checkpoint(self.best_path, model, settings=settings, row=row, classes=self.classes)
-
-
 def checkpoint_settings(cfg: argparse.Namespace) -> dict:
     """What a checkpoint keeps of the settings: enough to rebuild the model and its evaluation split."""
     return {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS | {"variant_specs"}}
-
-
-def _rank(row: dict) -> tuple:
-    return (row.get("kind") == "final", row.get("top1") or 0.0)
-
-
-def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_info: dict, rows: list[dict],
-                    table, data, best_path: Path, device: torch.device) -> None:
-    """Everything made from the finished results: trace summaries, plots, the best variant's evaluation,
-    report.md and table.txt. A failure here is a warning: results.json is already complete."""
-    def attempt(what: str, fn):
-        try:
-            return fn()
-        except Exception as e:  # the results are written; say what is missing and go on
-            console.print(f"[yellow]warning[/yellow]: {what} failed ({type(e).__name__}: {e})")
-            return None
-
-    for row in rows:
-        traced = trace_table(row)
-        if traced is not None:
-            console.print(traced)
-    plots = attempt("plots", lambda: write_plots(out, run_info, rows)) or []
-    evaluation = None
-    if cfg.evaluate_best and best_path.exists():
-        evaluation = attempt("evaluating the best variant", lambda: evaluate_best(console, out, best_path, data, device))
-    atomic_write(out / "table.txt", render_text(table))
-    atomic_write(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
-    console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {cfg.trace_dir}"
-                                                     if any(r.get("trace") for r in rows) else ""))
-
-
-def evaluate_best(console: Console, out: Path, best_path: Path, data, device: torch.device) -> dict:
-    """`python -m bench.evaluate OUT/checkpoints/best.pt`, in process: the same files, the same place."""
-    checkpoint = load_checkpoint(best_path)
-    c = argparse.Namespace(**checkpoint["settings"])
-    _, split = select_splits(data, c.eval_split, c.final)
-    variant = checkpoint["row"]["variant"]
-    folder = default_out_dir(best_path, variant, "test" if c.final else c.eval_split)
-    console.print(f"[bold]best variant[/bold]: {variant} (top-1 {checkpoint['row']['top1']:.2f} %), "
-                  f"evaluated class by class")
-    result = evaluate_model(build_from_checkpoint(checkpoint), c, split, data.classes, folder, device,
-                            variant=variant, checkpoint=str(best_path))
-    print_report(console, result)
-    return {**result, "dir": str(folder)}
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

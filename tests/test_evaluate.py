@@ -254,3 +254,20 @@ def test_bad_checkpoint_is_one_line_exit_2(case, run, tmp_path, capsys):
 def test_bad_flag_is_one_line_exit_2(run, capsys):
     assert main([str(run.ckpt), "--split", "train"]) == 2
     assert "invalid choice: 'train'" in one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_checkpoints_and_evaluate_reproduces_each_top1(tmp_path, capsys):
+    from bench.run import main as run_main
+    out = tmp_path / "run"
+    assert run_main(["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--batch-size", "32",
+                     "--epochs", "1", "--workers", "1", "--loader", "torch", "--unfreeze", "1,3",
+                     "--save-checkpoint", "--no-evaluate-best", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["depths"]
+    best = max(rows, key=lambda r: r["top1"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "unfreeze-1.pt", "unfreeze-3.pt"]
+    for name, row in [("best.pt", best), *((f"{r['variant']}.pt", r) for r in rows)]:
+        capsys.readouterr()
+        assert main([str(out / "checkpoints" / name), "--out", str(tmp_path / name)]) == 0
+        scored = json.loads((tmp_path / name / "evaluation.json").read_text())
+        assert scored["variant"] == row["variant"] and scored["top1"] == row["top1"]
