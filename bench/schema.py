@@ -4,7 +4,7 @@ Bump SCHEMA_VERSION when a field changes meaning or type, so later readers can t
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: throughput rows (mode "throughput") have no accuracy; FLOPs and MFU in every row
 STATUSES = ("ok", "oom", "nan", "error", "overlap", "interrupted")
 
 _NUM = (int, float)
@@ -16,9 +16,11 @@ ROW_ALWAYS = {"variant": str, "kind": str, "unfreeze": (int, str), "unit": str, 
 ROW_TRAINED = {"images_per_s": _NUM, "eval_images_per_s": _OPT_NUM, "step_ms_median": _NUM, "data_wait_pct": _NUM,
                "peak_mem_bytes": int, "compile_s": _NUM, "epochs": int, "steps": int, "top1": _OPT_NUM,
                "top5": _OPT_NUM, "train_s": _NUM, "wall_s": _NUM, "gpu_hours": _NUM, "acc_per_gpu_hour": _OPT_NUM,
-               "batch_size": int, "history": list}
+               "batch_size": int, "history": list, "mode": str, "train_gflops_per_image": _NUM,
+               "achieved_tflops": _NUM, "mfu": _OPT_NUM}
 HISTORY = {"epoch": int, "train_loss": _NUM, "elapsed_s": _NUM}
-RUN = {"model": str, "dataset": str, "batch_size": int, "seed": int, "env": dict, "variants": list}
+RUN = {"model": str, "dataset": str, "batch_size": int, "seed": int, "env": dict, "variants": list,
+       "world_size": int, "ceiling_tflops": _NUM}
 ENV = ("python", "torch", "torchvision", "dali", "cuda", "device", "device_count")
 
 

@@ -216,7 +216,9 @@ def test_fuzzed_command_lines_never_give_a_traceback(argv, tmp_path_factory, cap
 
 def test_schema_validator_rejects_what_it_should():
     from bench.schema import validate_results
-    out = {"schema_version": 1, "run": {"model": "m", "dataset": "d", "batch_size": 1, "seed": 0, "variants": [],
+    from bench.schema import SCHEMA_VERSION
+    out = {"schema_version": SCHEMA_VERSION, "run": {"model": "m", "dataset": "d", "batch_size": 1, "seed": 0,
+                                                     "variants": [], "world_size": 1, "ceiling_tflops": 1.0,
                                         "env": {k: "" for k in ("python", "torch", "torchvision", "dali", "cuda",
                                                                 "device", "device_count")}}, "depths": []}
     assert validate_results(out) == []
@@ -226,3 +228,6 @@ def test_schema_validator_rejects_what_it_should():
     errors = validate_results({**out, "depths": [bad_row]})
     assert any("missing 'images_per_s'" in e for e in errors) and any("needs top1" in e for e in errors)
     assert any("status 'weird'" in e for e in validate_results({**out, "depths": [{**bad_row, "status": "weird"}]}))
+    # a throughput row is ok without accuracy; a training row is not
+    throughput = {**bad_row, "mode": "throughput", "top1": None}
+    assert not any("needs top1" in e for e in validate_results({**out, "depths": [throughput]}))
