@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from bench.files import atomic_write
+from bench.report import what_ran
 
 FIGSIZE, DPI = (12.0, 4.0), 100
 MARKERS = "osD^vP*Xph"
@@ -162,8 +163,7 @@ def _figure(run: dict, what: str) -> Figure:
     """A figure of the house size whose title says what was measured, and where."""
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     device = (run.get("env") or {}).get("device") or run.get("device_used") or "?"
-    fig.suptitle(f"{what}: {run.get('model', '?')} on {run.get('dataset', '?')}, "
-                 f"{run.get('image_size', '?')} px, {device}")
+    fig.suptitle(f"{what}: {what_ran(run)}, {device}")
     return fig
 
 

@@ -38,11 +38,20 @@ COLUMNS = [
 ]
 
 
+def what_ran(run: dict) -> str:
+    """'resnet50 on cifar100, 224 px': the models and image sizes of every variant, when they differ."""
+    models = run.get("models") or [run.get("model")]
+    sizes = run.get("image_sizes") or [run.get("image_size")]
+    return f"{' / '.join(map(str, models))} on {run.get('dataset')}, {' / '.join(map(str, sizes))} px"
+
+
 def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h") -> Table:
     table = Table(title=title)
+    names = max((len(str(r.get("variant", ""))) for r in rows), default=7)
     for key, header, _ in COLUMNS:
         header = header.replace("GPU-h", device_hours_label)
-        table.add_column(header, justify="left" if key in ("variant", "unfreeze", "status") else "right")
+        table.add_column(header, justify="left" if key in ("variant", "unfreeze", "status") else "right",
+                         min_width=names if key == "variant" else None)  # variant names whole, never cut
     for row in rows:
         cells = []
         for key, _, fmt in COLUMNS:
@@ -144,7 +153,7 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
     evaluation. Paths are relative to `out`, so the folder can be moved or zipped whole."""
     env = run.get("env", {})
     hours = "GPU-h" if str(run.get("device_used", "")).startswith("cuda") else "device-h"
-    lines = [f"# {run.get('profile')}: {run.get('model')} on {run.get('dataset')}, {run.get('image_size')} px",
+    lines = [f"# {run.get('profile')}: {what_ran(run)}",
              "",
              f"{run.get('train_images')} training / {run.get('eval_images')} {run.get('eval_on')} images; "
              f"{run.get('precision')}, batch {run.get('batch_size')}, loader {run.get('loader')}; "

@@ -31,7 +31,7 @@ from bench.flops import matmul_ceiling_tflops
 from bench.loaders import measure_loader
 from bench.measure import environment
 from bench.outputs import Checkpoints, best_key, write_artifacts
-from bench.report import LiveProgress, results_table, write_results
+from bench.report import LiveProgress, results_table, what_ran, write_results
 from bench.sweep import make_loader, plan_variants, run_sweep
 from bench.train import PRECISIONS
 from bench.variants import Variant, make_variants
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Piped output (CI logs, files) gets rich's 80-column default; the results table needs more.
     # Under torchrun only rank 0 prints: the other ranks' output would repeat it.
-    console = (Console() if sys.stdout.isatty() else Console(width=180)) if dist.is_main else Console(quiet=True)
+    console = (Console() if sys.stdout.isatty() else Console(width=200)) if dist.is_main else Console(quiet=True)
     try:
         cfg = parse_config(argv)
         if cfg.list_profiles:
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 "train_images": len(train), "eval_images": len(evaluation),
                 "eval_on": "test" if cfg.final else cfg.eval_split,
                 "variants": [v.name for v in variants], "env": environment(device),
+                # variants may bring their own model and image size (seed 002): every one, for titles
+                "models": list(dict.fromkeys(v.apply(cfg).model for v in variants)),
+                "image_sizes": list(dict.fromkeys(v.apply(cfg).image_size for v in variants)),
                 "local_world_size": dist.local_world_size}
     # --resume: keep what finished, run the rest; rows stay in the order of the variants.
     order = {v.name: i for i, v in enumerate(variants)}
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         write_results(out, run_info, rows)
     if cfg.resume:
         console.print(f"resuming {out}: {len(rows)} finished variants kept, {len(todo)} to run")
-    console.print(f"[bold]{cfg.profile}[/bold]: {cfg.model} on {cfg.dataset} ({len(train)} train / "
-                  f"{len(evaluation)} {run_info['eval_on']} images) at {cfg.image_size}px on "
+    console.print(f"[bold]{cfg.profile}[/bold]: {what_ran(run_info)} ({len(train)} train / "
+                  f"{len(evaluation)} {run_info['eval_on']} images) on "
                   f"{run_info['env']['device']} ({device.type}), {len(variants)} variants -> {out}")
     run_info["eval_overlap"], withhold = leakage_guard(train, evaluation, cfg.allow_overlap, console)
     # Input alone, at the run's settings: can the loader keep up with the fastest variant?
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.destroy()
     if not dist.is_main:
         return 0  # rank 0 reports for all; a non-zero exit would make torchrun stop it mid-report
-    table = results_table(rows, f"{cfg.profile}: {cfg.model}, {cfg.dataset}, {cfg.image_size}px, "
-                                f"{device.type} ({run_info['env']['device']})", hours)
+    table = results_table(rows, f"{cfg.profile}: {what_ran(run_info)}, {device.type} ({run_info['env']['device']})",
+                          hours)
     console.print(table)
     loader_speed = run_info["loader_images_per_s"]
     console.print(f"loader alone: {'-' if loader_speed is None else f'{loader_speed:,.0f}'} img/s ({cfg.loader}); "
