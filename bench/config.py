@@ -230,6 +230,12 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
                           "add --no-feature-cache")
     if cfg.steps and cfg.max_steps:
         raise ConfigError("--steps (throughput mode) and --max-steps contradict each other; give one")
+    evaluated = [f for f, on in (("--final-best", cfg.final_best), ("--early-stop", cfg.early_stop),
+                                 ("--train-acc", cfg.train_acc)) if on]
+    if cfg.steps and evaluated:
+        off = {"--final-best": "--no-final-best", "--early-stop": "--early-stop 0", "--train-acc": "--no-train-acc"}
+        raise ConfigError(f"--steps is throughput mode and evaluates nothing, so {evaluated[0]} cannot be honoured; "
+                          f"add {off[evaluated[0]]}, or use --max-steps to cap an evaluated run")
     return cfg
 
 

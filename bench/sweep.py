@@ -76,9 +76,10 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     if cfg.feature_cache and split is not None:
         # --augment none: the trunk sees the same input every epoch, so run it once per image.
         caches = [build_cache(split, make_loader(cfg, s, device, train=False), device=device,
-                              dtype=PRECISIONS[cfg.precision], precision=cfg.precision) for s in splits]
+                              dtype=PRECISIONS[cfg.precision], precision=cfg.precision)
+                  for s in (splits[:1] if throughput else splits)]  # throughput mode evaluates nothing
         train_loader = caches[0].batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
-        eval_loader = caches[1].batches(cfg.eval_batch_size or cfg.batch_size, shuffle=False)
+        eval_loader = None if throughput else caches[1].batches(cfg.eval_batch_size or cfg.batch_size, shuffle=False)
         net = split.tail
         flops -= eval_flops_per_image(split.trunk, cfg.image_size, channels_last=cfg.channels_last)
         cache_s = round(time.perf_counter() - start, 3)

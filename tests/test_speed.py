@@ -56,6 +56,7 @@ def test_feature_cache_matches_training_through_the_trunk(tmp_path):
     (["--feature-cache", "--augment", "flip-crop"], "--feature-cache needs --augment none"),
     (["--feature-cache", "--augment", "none", "--frozen-bn", "train"], "--feature-cache needs the frozen prefix"),
     (["--steps", "3", "--max-steps", "4"], "contradict"),
+    (["--steps", "3", "--final-best"], "--final-best cannot be honoured"),
 ])
 def test_contradicting_speed_flags_are_refused(args, message, capsys):
     assert main([*TINY, *args, "--dry-run"]) == 2
