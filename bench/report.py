@@ -104,18 +104,20 @@ class LiveProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def update(self, *, variant, epoch: int, epochs: int, step: int, steps: int, images: int) -> None:
+    def update(self, *, variant, epoch: int, epochs: int, step: int, steps: int, images: int,
+               done: int, total: int) -> None:
+        """`step` of `steps` in `epoch`; `done` of `total` steps in the variant (the bar)."""
         now = time.perf_counter()
         if variant is not self._variant:
             self._variant, self._done = variant, self._done + 1
-            self._task = self.progress.add_task(variant.name, total=steps * epochs, rate="")
+            self._task = self.progress.add_task(variant.name, total=total, rate="")
         if step == 1:
             self._started = now
-        if now - self._last < 0.25 and step != steps:
+        if now - self._last < 0.25 and step != steps and done != total:
             return  # redraw at most 4 times a second
         self._last = now
         rate = (images / (now - self._started)) if now > self._started else 0.0
-        self.progress.update(self._task, completed=(epoch - 1) * steps + step,
+        self.progress.update(self._task, completed=done,
                              description=f"[{self._done}/{self.total_variants}] {variant.name}  "
                                          f"epoch {epoch}/{epochs}  step {step}/{steps}",
                              rate=f"{rate:,.0f} img/s")

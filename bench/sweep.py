@@ -114,7 +114,8 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
                 if tracer is not None:
                     tracer.step()
                 if on_progress is not None:
-                    on_progress(epoch=epoch, epochs=epochs, step=step, steps=steps_per_epoch, images=images)
+                    on_progress(epoch=epoch, epochs=epochs, step=step, steps=steps_per_epoch, images=images,
+                                done=trainer.steps_done, total=total_steps)
             stats = trainer.train_epoch(train_loader, max_steps=total_steps - trainer.steps_done, on_step=tick)
             if throughput:  # the timm-style benchmark: training steps only
                 epochs_stats.append((stats, None))
