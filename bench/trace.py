@@ -160,7 +160,8 @@ def summarise_trace(run_dir: Path, top: int = 10, worker: str | None = None) -> 
     if not files:
         return None
     events = [e for e in load_events(files[-1]) if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in events if e["name"].startswith("ProfilerStep#")]
+    # The host's step annotations; on CUDA the trace repeats them on the GPU timeline (gpu_user_annotation).
+    steps = [e for e in events if e["name"].startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"]
     device_ops = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
     on_gpu = bool(device_ops)
     if on_gpu:

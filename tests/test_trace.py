@@ -52,6 +52,7 @@ def test_gpu_summary_ranks_kernels_and_measures_idle(tmp_path):
     events = [
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 1000},
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#2", "ts": 1000, "dur": 1000},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#2", "ts": 1000, "dur": 1100},
         {"ph": "X", "cat": "cpu_op", "name": "aten::conv2d", "ts": 0, "dur": 900},
         {"ph": "X", "cat": "kernel", "name": "sm90_xmma_conv", "ts": 200, "dur": 400},
         {"ph": "X", "cat": "kernel", "name": "sm90_xmma_conv", "ts": 1000, "dur": 700},
