@@ -268,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.devices_used = distributed.data_shard(cfg)[1]
     data_parallel = cfg.devices_used > 1
     spread = dist.world_size > 1 and not data_parallel  # --parallel variants under torchrun
-    if cfg.batch_size == "auto":
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if cfg.batch_size == "auto":  # after cudnn.benchmark: the trials must run the kernels training will
         cfg.batch_size, cfg.batch_size_search = find_batch_size(console, cfg, variants, plans, len(train),
                                                                 data.num_classes, pretrained, device)
     # MFU's denominator, measured on this device in this run: a large matmul in the training dtype.
     cfg.ceiling_tflops = matmul_ceiling_tflops(device, PRECISIONS[cfg.precision])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     started = datetime.now(timezone.utc)
     run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},
                 "out": str(out), "started_utc": started.isoformat(timespec="seconds"),
