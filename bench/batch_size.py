@@ -14,7 +14,7 @@ import torch
 
 from bench.measure import StepTimer, median, synchronize
 from bench.train import Trainer, make_optimizer, make_scheduler
-from models import apply_unfreeze, build_model, split_frozen
+from models import apply_unfreeze, build_model, set_train_mode, split_frozen
 
 START = 16
 LIMIT = 4096  # past this, larger batches change the optimisation more than they add speed
@@ -45,7 +45,7 @@ def trial_step(cfg: argparse.Namespace, num_classes: int, pretrained, device: to
     """images/s of `cfg`'s training step at a given batch, measured on a fresh model each time."""
     def measure(batch: int) -> float:
         model = build_model(cfg.model, num_classes, pretrained[cfg.model, cfg.weights], cfg.head)
-        apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
+        plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(device, memory_format=memory_format)
         net = (split_frozen(model) if cfg.split_trunk and cfg.frozen_bn == "eval" else None) or model
@@ -57,7 +57,7 @@ def trial_step(cfg: argparse.Namespace, num_classes: int, pretrained, device: to
                                                                         steps_per_epoch=1, step_size=1, gamma=1.0))
         x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device).to(memory_format=memory_format)
         y = torch.randint(0, num_classes, (batch,), device=device)
-        net.train()
+        set_train_mode(model, plan, cfg.frozen_bn)  # as training runs it: frozen BatchNorm in eval
         try:
             timer = StepTimer(device)
             for i in range(TRIAL_WARMUP + TRIAL_STEPS):
