@@ -30,7 +30,6 @@ does not fit its model or the dataset's classes, a missing dataset, an unwritabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -49,7 +48,7 @@ from bench.checkpoint import CheckpointError, build_from_checkpoint, load_checkp
 from bench.files import atomic_write, ensure_writable
 from bench.config import ConfigError, Parser, int_in
 from bench.sweep import make_loader
-from bench.train import PRECISIONS
+from bench.train import autocast
 from models import ModelError
 from pipelines import DATASETS, EVAL_SPLITS, LOADERS, DataError, Split, overlap
 
@@ -92,13 +91,11 @@ def predict(model: nn.Module, cfg: argparse.Namespace, split: Split, device: tor
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     was_training = model.training
     model = model.to(device, memory_format=memory_format).eval()
-    dtype = PRECISIONS[cfg.precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     loader = make_loader(cfg, split, device, train=False)
     top1, hitk, labels = [], [], []
     loss = torch.zeros((), device=device, dtype=torch.float64)
     for x, y in loader:
-        with autocast():
+        with autocast(device, cfg.precision):
             logits = model(x)
         loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -151,12 +148,6 @@ def class_report(cm: np.ndarray, classes: list[str]) -> tuple[list[dict], dict, 
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")  # Figure without pyplot: no global state, no GUI backend
-    return buf.getvalue()
-
 
 def _report_csv(rows: list[dict]) -> bytes:
     buf = io.StringIO()
@@ -264,10 +255,11 @@ def evaluate_model(model: nn.Module, cfg: argparse.Namespace, split: Split, clas
     }
     atomic_write(out_dir / "classification_report.csv", _report_csv([*per_class, macro, weighted]))
     what = f"{name}: {cfg.dataset} {split_name}, {n} images"
-    atomic_write(out_dir / "confusion_matrix.png",
-                  _png(plot_confusion(cm, classes, f"{what}, top-1 {result['top1']:.2f} %")))
-    atomic_write(out_dir / "predictions.png",
-                  _png(plot_predictions(split.images, labels, pred, classes, indices, f"{what} (seed {seed})")))
+    # Figure objects, no pyplot: no global state, no GUI backend
+    confusion = plot_confusion(cm, classes, f"{what}, top-1 {result['top1']:.2f} %")
+    atomic_write(out_dir / "confusion_matrix.png", lambda f: confusion.savefig(f, format="png"))
+    grid = plot_predictions(split.images, labels, pred, classes, indices, f"{what} (seed {seed})")
+    atomic_write(out_dir / "predictions.png", lambda f: grid.savefig(f, format="png"))
     # Last: a directory with evaluation.json is a complete evaluation.
     atomic_write(out_dir / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())
     return result

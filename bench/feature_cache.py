@@ -15,13 +15,13 @@ caps the cache's size wherever it would live.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 
-from bench.train import PRECISIONS
+from bench.measure import proc_bytes
+from bench.train import autocast
 from models.split import SplitModel
 from pipelines.torch_loader import epoch_seed
 
@@ -49,13 +49,9 @@ def _device_free_bytes(device: torch.device) -> int:
 
 
 def _host_free_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -167,13 +163,10 @@ def build_cache(split_model: SplitModel, loader, *, device, dtype: torch.dtype =
     """
     device = torch.device(device)
     split_model.trunk.eval()  # shared with the original model, whose .train() may have flipped it
-    autocast_dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype != torch.float32 \
-        else contextlib.nullcontext()
     features = labels = None
     filled = 0
     for images, batch_labels in loader:
-        with autocast:
+        with autocast(device, precision):
             out = split_model.trunk_features(images)
         if features is None:  # the first batch fixes the shape, layout and where the cache lives
             channels_last = _channels_last(out)

@@ -62,17 +62,25 @@ def reset_peak_memory(device: torch.device) -> None:
         pass  # then peak_memory() reports the process-lifetime peak
 
 
+def proc_bytes(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a Linux /proc file, in bytes; None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak bytes since the last reset: device memory allocated by torch on CUDA, process RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 

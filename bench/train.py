@@ -5,7 +5,6 @@ step would stall the GPU queue every step (and make images/s correct only by acc
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,13 @@ def make_scheduler(name: str, optimizer, *, total_steps: int, steps_per_epoch: i
     if name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise ValueError(f"unknown scheduler {name!r}; choose from: {', '.join(SCHEDULERS)}")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The mixed-precision context for `precision` (bf16, fp16, fp32 = off); training, evaluation,
+    the feature cache and bench.evaluate all run under the same one."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -98,9 +104,7 @@ class Trainer:
         self.model, self.device = model, device
         self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        dtype = PRECISIONS[precision]
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 \
-            else contextlib.nullcontext
+        self.autocast = lambda: autocast(device, precision)
         # fp16 needs loss scaling; its step() checks for infs on the host, the only sync in the step.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         # Under torchrun with --parallel data: DDP over the trainable parameters (compiled around DDP,
