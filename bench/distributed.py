@@ -43,10 +43,6 @@ class Dist:
         """Local rank 0: downloads once per node before the node's other ranks read the cache."""
         return self.local_rank == 0
 
-    @property
-    def worker(self) -> str:
-        """The name of this rank's profiler traces (TensorBoard shows one worker per rank)."""
-        return f"rank{self.rank}"
 
 
 def _env_int(name: str, default: int) -> int:

@@ -447,3 +447,26 @@ def test_agreement_tolerances_tell_the_presets_apart(agreement_images):
     s = {aug: _stats(_run("torch", images, labels, size=32, augment=aug)) for aug in AUGMENTS}
     assert ((s["none"][0] - s["flip-crop"][0]).abs() > 4 * TOL["flip-crop"][0]).all()  # padding darkens
     assert ((s["heavy"][2] - s["flip-crop"][2]) > TOL["heavy"][2]).all()  # colour jitter spreads image means
+
+
+def test_loader_rate_is_the_median_of_the_counted_batches_own_fetches(monkeypatch):
+    """A fake clock: fetching batch k takes `fetch_ms[k]`; the first (warm-up) batches are slow, and the
+    time after the last batch (nothing fetched) is nearly zero. Only counted batches' fetches count."""
+    import torch
+
+    import bench.measure
+    from bench.loaders import measure_loader
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.measure.time, "perf_counter", lambda: clock[0])
+    fetch_ms = [40.0, 40.0, 40.0, 2.0, 6.0]  # 3 warm-up batches, then 2 counted ones
+
+    def loader():
+        for ms in fetch_ms:
+            clock[0] += ms / 1e3
+            yield torch.zeros(8, 3, 2, 2), torch.zeros(8, dtype=torch.long)
+        clock[0] += 1e-6  # the loop's end: no batch
+    result = measure_loader(loader(), torch.device("cpu"), warmup=3)
+    assert result["loader_batches"] == 2
+    assert result["loader_batch_ms_median"] == pytest.approx(4.0)  # median of 2 and 6 ms
+    assert result["loader_images_per_s"] == pytest.approx(8 / 0.004)

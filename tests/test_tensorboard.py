@@ -49,7 +49,8 @@ def test_every_variant_leaves_a_trace_that_is_read_back(traced_run):
         assert summary["top"] and all(op["name"] and op["total_ms"] > 0 for op in summary["top"])
         assert any("convolution" in op["name"] for op in summary["top"])
         assert 0 <= summary["idle_pct"] < 100
-        # the traced steps (profiler warm-up + 2 recorded) are left out of the throughput figures
+        # 8 steps ran: 2 warm-up, the profiler's warm-up, 2 recorded, 3 more (that the traced ones are
+        # left out of images/s is test_trace.py's test_traced_steps_are_left_out_of_the_throughput_figures)
         assert row["steps"] == 8 and row["images_per_s"] > 0
 
 

@@ -94,3 +94,22 @@ def test_run_too_short_to_trace_warns_and_finishes(tmp_path, recwarn):
     assert any("too few to trace" in str(w.message) for w in recwarn)
     row = json.loads((out / "results.json").read_text())["depths"][0]
     assert row["status"] == "ok" and "trace" not in row
+
+
+def test_traced_steps_are_left_out_of_the_throughput_figures():
+    import argparse
+
+    from bench.sweep import summarise
+    from bench.train import EpochStats, EvalStats
+
+    cfg = argparse.Namespace(warmup_steps=2, batch_size=10, eval_batch_size=None, compile=False)
+    # 12 steps of 10 ms; the profiler's window (steps 2..5) takes 500 ms each
+    step_ms = [10.0] * 12
+    window = TraceWindow(wait=2, warmup=1, active=3)
+    for i in window.steps:
+        step_ms[i] = 500.0
+    epochs = [(EpochStats(loss=1.0, images=120, step_ms=step_ms, data_wait_s=0.0, wall_s=3.0),
+               EvalStats(1.0, 50.0, 90.0, 20, [5.0, 5.0], 0.01))]
+    traced = summarise(cfg, epochs, exclude=window.steps)
+    assert traced["step_ms_median"] == 10.0 and traced["images_per_s"] == 1000.0
+    assert summarise(cfg, epochs)["images_per_s"] < 100  # the same steps counted: the figure collapses
