@@ -10,6 +10,8 @@ import sys
 import tomllib
 from importlib import resources
 
+import torch
+
 from bench.distributed import LR_SCALES, PARALLEL
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from bench.variants import ConfigError
@@ -135,7 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC model and inputs")
     g.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile mode")
+                   help="torch.compile mode (inductor's)")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend: inductor, or any registered dynamo backend (eager and aot_eager "
+                        "compile in seconds, to check that every variant is captured)")
     g.add_argument("--split-trunk", default=True, action=argparse.BooleanOptionalAction,
                    help="run the frozen prefix apart, under no_grad in eval mode (needs --frozen-bn eval)")
     g.add_argument("--feature-cache", default=False, action=argparse.BooleanOptionalAction,
@@ -215,6 +220,13 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
                        if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
     if cfg.final and "eval_split" in cfg.given and cfg.eval_split == "val":
         raise ConfigError("--final scores the test split; drop --eval-split val")
+    if "compile_backend" in cfg.given and not cfg.compile:
+        raise ConfigError(f"--compile-backend {cfg.compile_backend} needs --compile")
+    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"unknown --compile-backend {cfg.compile_backend!r}; choose from: "
+                          f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+    if cfg.compile_mode and cfg.compile_backend != "inductor":
+        raise ConfigError(f"--compile-mode {cfg.compile_mode} is inductor's; drop it or use --compile-backend inductor")
     if cfg.smoke:
         shrink(cfg)
     # Flags that contradict each other: say which, rather than silently ignore one.

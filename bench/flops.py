@@ -84,39 +84,63 @@ def eval_flops_per_image(model: nn.Module, image_size: int, *, device="meta", ch
 
 
 def matmul_ceiling_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int | None = None,
-                          repeats: int = 10, warmup: int = 3) -> float:
+                          repeats: int = 10, warmup_s: float | None = None, tf32: bool | None = None) -> float:
     """Achieved TFLOP/s of an n x n @ n x n matmul on `device` (2 n^3 FLOPs), median of `repeats`.
 
     n defaults to 8192 on CUDA (large enough to saturate tensor cores on an H100) and 1024 on the CPU.
-    A float32 ceiling on CUDA depends on `torch.backends.cuda.matmul.allow_tf32`: measure it with the
-    setting the run trains with.
+    Matmuls run for `warmup_s` seconds first (default 1 s on CUDA, where clocks and power settle over
+    about that long; 0.1 s on the CPU, for the thread pool), at least 3 of them. A float32 ceiling on
+    CUDA is a TF32 one when `tf32` is true: pass the setting the network's convolutions train with
+    (`torch.backends.cudnn.allow_tf32`), or a strict-fp32 matmul would be compared with TF32 convolutions.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)  # random data: zeros would draw less power (and clock higher)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)  # preallocated: the allocator stays out of the timing
-    for _ in range(warmup):  # cuBLAS heuristics, clocks ramping up, CPU thread pool start-up
-        torch.mm(a, b, out=c)
-    times = []
-    if cuda:
-        torch.cuda.synchronize(device)
-        with torch.cuda.device(device):
-            pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                     for _ in range(repeats)]
-            for start, end in pairs:  # events in stream order: no host sync between repeats
-                start.record()
-                torch.mm(a, b, out=c)
-                end.record()
-            torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) / 1e3 for start, end in pairs]
-    else:
-        for _ in range(repeats):  # CPU matmuls are synchronous: the wall clock is the kernel time
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            times.append(time.perf_counter() - t0)
+    warmup_s = (1.0 if cuda else 0.1) if warmup_s is None else warmup_s
+    saved = torch.backends.cuda.matmul.allow_tf32
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)  # random data: zeros would draw less power (and clock higher)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)  # preallocated: the allocator stays out of the timing
+        _warm_up(lambda: torch.mm(a, b, out=c), device, warmup_s)
+        times = _timed(lambda: torch.mm(a, b, out=c), device, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     return 2.0 * n ** 3 / statistics.median(times) / 1e12
+
+
+def _warm_up(op, device: torch.device, seconds: float, minimum: int = 3) -> None:
+    """Run `op` for at least `seconds` of device time (and `minimum` times): cuBLAS heuristics, clocks
+    ramping up, the CPU thread pool starting."""
+    started, done = time.perf_counter(), 0
+    while done < minimum or time.perf_counter() - started < seconds:
+        for _ in range(minimum):
+            op()
+        done += minimum
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the host clock must see the device's work, not its queue
+
+
+def _timed(op, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per `op`, `repeats` times: CUDA events in stream order (no host sync between repeats),
+    the wall clock on the CPU, where the op is synchronous."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+        return times
+    with torch.cuda.device(device):
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in pairs:
+            start.record()
+            op()
+            end.record()
+        torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in pairs]
 
 
 def mfu(images_per_s: float | None, flops_per_image: float | None, ceiling_tflops: float | None) -> float | None:

@@ -15,31 +15,48 @@ import torch
 
 
 class StepTimer:
-    """Marks the start of every step; `intervals_ms()` gives the time between consecutive marks.
+    """Marks the start and the end of every step.
 
-    No host synchronisation per step: on CUDA a mark is an event recorded on the current stream, and
-    the elapsed times are read once, after `torch.cuda.synchronize()` at the end of the region.
+    `intervals_ms()` is the time between consecutive starts (waiting for data included);
+    `idle_ms()` is, for each interval, the part between the end of one step's work and the start of the
+    next step's: the time the device had nothing of ours queued (on CUDA read from the device's own
+    timeline, where a host blocked on input shows up as the GPU running dry; on the CPU, where work is
+    synchronous, the host's wait). No host synchronisation per step: on CUDA a mark is an event recorded
+    on the current stream, read once after `torch.cuda.synchronize()` at the end of the region.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list = []
+        self.ends: list = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
+        """A step starts (the input is in hand); the last call closes the last interval."""
+        self.marks.append(self._now())
 
-    def intervals_ms(self) -> list[float]:
-        if len(self.marks) < 2:
-            return []
+    def mark_end(self) -> None:
+        """The step's work has been issued."""
+        self.ends.append(self._now())
+
+    def _elapsed_ms(self, pairs) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) for a, b in pairs]
+        return [(b - a) * 1e3 for a, b in pairs]
+
+    def intervals_ms(self) -> list[float]:
+        return self._elapsed_ms(list(zip(self.marks, self.marks[1:])))
+
+    def idle_ms(self) -> list[float]:
+        """One figure per interval that has an end mark (the step's end to the next step's start)."""
+        return [max(0.0, ms) for ms in self._elapsed_ms(list(zip(self.ends, self.marks[1:])))]
 
 
 def synchronize(device: torch.device) -> None:
@@ -72,6 +89,45 @@ def proc_bytes(path: str, key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def device_used_bytes(device: torch.device) -> int | None:
+    """Memory in use on the whole CUDA device (total - free, as the driver counts it): torch's tensors
+    and cached blocks, DALI's buffers and pools, cuDNN/cuBLAS workspaces, the CUDA context. torch's own
+    peak cannot see DALI's memory, so rows of different loaders are compared on this. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+class DevicePeak:
+    """The largest `device_used_bytes` seen at the samples taken (the edges of timed regions: the driver
+    keeps no peak for us, and a sample is a driver call, so it is taken a few times per epoch)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def sample(self) -> None:
+        used = device_used_bytes(self.device)
+        if used is not None:
+            self.bytes = used if self.bytes is None else max(self.bytes, used)
+
+
+def process_wall_s() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), from Linux's
+    /proc; elsewhere, since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
 
 
 def peak_memory(device: torch.device) -> int:

@@ -29,6 +29,7 @@ COLUMNS = [
     ("step_ms_median", "step ms", lambda v: f"{v:.1f}"),
     ("data_wait_pct", "data wait %", lambda v: f"{v:.1f}"),
     ("peak_mem_bytes", "peak mem", lambda v: f"{v / 2**30:.2f} GiB"),
+    ("device_peak_mem_bytes", "device mem", lambda v: f"{v / 2**30:.2f} GiB"),
     ("mfu", "MFU %", lambda v: f"{100 * v:.1f}"),
     ("compile_s", "compile s", lambda v: f"{v:.1f}"),
     ("top1", "top-1 %", lambda v: f"{v:.2f}"),
@@ -36,6 +37,11 @@ COLUMNS = [
     ("gpu_hours", "GPU-h", lambda v: f"{v:.4f}"),
     ("acc_per_gpu_hour", "top-1 / GPU-h", lambda v: f"{v:,.0f}"),
 ]
+
+
+def columns(rows: list[dict]) -> list[tuple]:
+    """COLUMNS, less the device's memory where no row has one (CPU runs)."""
+    return [c for c in COLUMNS if c[0] != "device_peak_mem_bytes" or any(r.get(c[0]) is not None for r in rows)]
 
 
 def what_ran(run: dict) -> str:
@@ -48,13 +54,14 @@ def what_ran(run: dict) -> str:
 def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h") -> Table:
     table = Table(title=title)
     names = max((len(str(r.get("variant", ""))) for r in rows), default=7)
-    for key, header, _ in COLUMNS:
+    shown = columns(rows)
+    for key, header, _ in shown:
         header = header.replace("GPU-h", device_hours_label)
         table.add_column(header, justify="left" if key in ("variant", "unfreeze", "status") else "right",
                          min_width=names if key == "variant" else None)  # variant names whole, never cut
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in shown:
             value = row.get(key)
             cells.append("-" if value is None else fmt(value))
         if row.get("status") != "ok":
@@ -162,10 +169,10 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
              f"{env.get('device')} ({run.get('device_used')}); torch {env.get('torch')}, "
              f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}; started {run.get('started_utc')}.",
              "", "## Results", "",
-             "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in columns(rows)) + " |",
+             "|" + "---|" * len(columns(rows))]
     for row in rows:
-        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in COLUMNS]
+        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in columns(rows)]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:

@@ -25,11 +25,11 @@ from rich.table import Table
 
 from bench import batch_size
 from bench import distributed, parallel  # under torchrun: ranks, DDP, the two --parallel modes
-from bench.config import ConfigError, load_profile, parse_config, profile_names, setting_names
+from bench.config import ConfigError, get_args_parser, load_profile, parse_config, profile_names, setting_names
 from bench.files import ensure_writable
 from bench.flops import matmul_ceiling_tflops
 from bench.loaders import measure_loader
-from bench.measure import environment
+from bench.measure import environment, process_wall_s
 from bench.outputs import Checkpoints, best_key, write_artifacts
 from bench.report import LiveProgress, results_table, what_ran, write_results
 from bench.sweep import make_loader, plan_variants, run_sweep
@@ -137,8 +137,10 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
         if cfg.batch_size == "auto" and saved_run.get("batch_size_search"):  # found once, kept
             cfg.batch_size, cfg.batch_size_search = saved_run["batch_size"], saved_run["batch_size_search"]
         dests = setting_names() - NOT_SETTINGS | {"variant_specs"}
-        diff = [f"{k}: saved {saved_run.get(k)!r}, now {getattr(cfg, k)!r}"
-                for k in sorted(dests) if saved_run.get(k) != getattr(cfg, k)]
+        # A setting added since the run was saved (schema 2 had no --compile-backend) had its default then.
+        defaults = {k: get_args_parser().get_default(k) for k in dests - saved_run.keys()}
+        diff = [f"{k}: saved {saved_run.get(k, defaults.get(k))!r}, now {getattr(cfg, k)!r}"
+                for k in sorted(dests) if saved_run.get(k, defaults.get(k)) != getattr(cfg, k)]
         if diff:
             raise ConfigError(f"--resume {out}: settings differ from the saved run ({'; '.join(diff)})")
         return out, [r for r in saved_rows if r.get("status") in FINISHED]
@@ -271,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if cfg.batch_size == "auto":  # after cudnn.benchmark: the trials must run the kernels training will
-        cfg.batch_size, cfg.batch_size_search = find_batch_size(console, cfg, variants, plans, len(train),
+        cfg.batch_size, cfg.batch_size_search = find_batch_size(console, cfg, variants, plans, train,
                                                                 data.num_classes, pretrained, device)
-    # MFU's denominator, measured on this device in this run: a large matmul in the training dtype.
-    cfg.ceiling_tflops = matmul_ceiling_tflops(device, PRECISIONS[cfg.precision])
+    # MFU's denominator, measured on this device in this run: a large matmul in the training dtype; in
+    # fp32 on CUDA with TF32 when the convolutions train with it (cuDNN's default), as they will here.
+    tf32 = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    cfg.ceiling_tflops = matmul_ceiling_tflops(device, PRECISIONS[cfg.precision], tf32=tf32["cudnn"])
     started = datetime.now(timezone.utc)
     run_info = {**{k: v for k, v in vars(cfg).items() if k not in ("list_profiles", "list_layers", "dry_run")},
                 "out": str(out), "started_utc": started.isoformat(timespec="seconds"),
@@ -285,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                 # variants may bring their own model and image size (seed 002): every one, for titles
                 "models": list(dict.fromkeys(v.apply(cfg).model for v in variants)),
                 "image_sizes": list(dict.fromkeys(v.apply(cfg).image_size for v in variants)),
-                "local_world_size": dist.local_world_size}
+                "local_world_size": dist.local_world_size, "tf32": tf32,
+                "earlier_wall_s": earlier_wall_s(out) if cfg.resume else 0.0,
+                "ceiling_dtype": ("tf32" if cfg.precision == "fp32" and device.type == "cuda" and tf32["cudnn"]
+                                  else cfg.precision)}
+    whole_run(run_info, dist.world_size)
     # --resume: keep what finished, run the rest; rows stay in the order of the variants.
     order = {v.name: i for i, v in enumerate(variants)}
 
@@ -313,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         row["loader_images_per_s"] = run_info["loader_images_per_s"]
         rows.append(row)
         rows.sort(key=position)
+        whole_run(run_info, dist.world_size)
         if dist.is_main:
             write_results(out, run_info, rows)
     # Under --parallel data the trained weights are the same on every rank: rank 0 saves them. Under
@@ -376,22 +385,44 @@ def main(argv: list[str] | None = None) -> int:
     distributed.destroy()
     if not dist.is_main:
         return 0  # rank 0 reports for all; a non-zero exit would make torchrun stop it mid-report
-    table = results_table(rows, f"{cfg.profile}: {what_ran(run_info)}, {device.type} ({run_info['env']['device']})",
+    whole_run(run_info, dist.world_size)
+    table = results_table(rows, f"{cfg.profile}: {what_ran(run_info)}, {device.type} ({run_info['env']['device']}); "
+                                f"whole run so far {run_info['wall_s']:,.1f} s = {run_info['device_hours']:.4f} {hours}",
                           hours)
     console.print(table)
     loader_speed = run_info["loader_images_per_s"]
     console.print(f"loader alone: {'-' if loader_speed is None else f'{loader_speed:,.0f}'} img/s ({cfg.loader}); "
                   f"results: {out / 'results.json'}, {out / 'results.csv'}")
     write_artifacts(console, cfg, out, run_info, rows, table, data, checkpoints.best_path, device)
+    whole_run(run_info, dist.world_size)
+    write_results(out, run_info, rows)
+    console.print(f"whole run: {run_info['wall_s']:,.1f} s = {run_info['device_hours']:.4f} {hours} (start-up, "
+                  f"every variant, the best variant's evaluation, plots and report)")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-def find_batch_size(console: Console, cfg: argparse.Namespace, variants, plans: list[dict], train_images: int,
+def earlier_wall_s(out: Path) -> float:
+    """The whole-run wall time a resumed run's results.json recorded (0 where it has none)."""
+    try:
+        return float(json.loads((out / "results.json").read_text())["run"].get("wall_s") or 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def whole_run(run_info: dict, world_size: int) -> None:
+    """The process's wall time so far, and the device-hours it held (every rank holds its device the
+    whole time): what the study costs, beyond the sum of its variants' rows. A resumed run adds the
+    time of the processes before it (`earlier_wall_s`)."""
+    run_info["wall_s"] = round(run_info.get("earlier_wall_s", 0.0) + process_wall_s(), 3)
+    run_info["device_hours"] = run_info["wall_s"] * world_size / 3600.0
+
+
+def find_batch_size(console: Console, cfg: argparse.Namespace, variants, plans: list[dict], train,
                     num_classes: int, pretrained, device: torch.device) -> tuple[int, list[dict]]:
     """--batch-size auto, on the variant that trains the most parameters (the most memory)."""
     heaviest = max(zip(variants, plans), key=lambda vp: vp[1]["trainable_params"])[0]
-    chosen, trials = batch_size.search(batch_size.trial_step(heaviest.apply(cfg), num_classes, pretrained, device),
-                                       limit=min(batch_size.LIMIT, train_images))
+    chosen, trials = batch_size.search(batch_size.trial_step(heaviest.apply(cfg), train, num_classes, pretrained, device),
+                                       limit=min(batch_size.LIMIT, len(train)))
     tried = ", ".join(f"{t['batch_size']}: " + ("out of memory" if t.get("oom") else f"{t['images_per_s']:,.0f} img/s")
                       for t in trials)
     console.print(f"--batch-size auto on {heaviest.name}: {tried} -> batch {chosen}")

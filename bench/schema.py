@@ -4,7 +4,11 @@ Bump SCHEMA_VERSION when a field changes meaning or type, so later readers can t
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 2  # 2: throughput rows (mode "throughput") have no accuracy; FLOPs and MFU in every row
+# 2: throughput rows (mode "throughput") have no accuracy; FLOPs and MFU in every row.
+# 3: feature-cache rows' images_per_s is end to end (the tail's own rate is tail_images_per_s); data_wait_pct
+#    is the device's idle share of the timed steps; device_peak_mem_bytes beside torch's peak_mem_bytes;
+#    the whole run's wall_s and device_hours, and the TF32 settings, in run.
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "oom", "nan", "error", "overlap", "interrupted")
 
 _NUM = (int, float)
@@ -17,10 +21,11 @@ ROW_TRAINED = {"images_per_s": _NUM, "eval_images_per_s": _OPT_NUM, "step_ms_med
                "peak_mem_bytes": int, "compile_s": _NUM, "epochs": int, "steps": int, "top1": _OPT_NUM,
                "top5": _OPT_NUM, "train_s": _NUM, "wall_s": _NUM, "gpu_hours": _NUM, "acc_per_gpu_hour": _OPT_NUM,
                "batch_size": int, "history": list, "mode": str, "train_gflops_per_image": _NUM,
-               "achieved_tflops": _NUM, "mfu": _OPT_NUM}
+               "achieved_tflops": _NUM, "mfu": _OPT_NUM, "tail_images_per_s": _OPT_NUM,
+               "device_peak_mem_bytes": (int, type(None)), "compile_graphs": (int, type(None))}
 HISTORY = {"epoch": int, "train_loss": _NUM, "elapsed_s": _NUM}
 RUN = {"model": str, "dataset": str, "batch_size": int, "seed": int, "env": dict, "variants": list,
-       "world_size": int, "ceiling_tflops": _NUM}
+       "world_size": int, "ceiling_tflops": _NUM, "tf32": dict, "wall_s": _NUM, "device_hours": _NUM}
 ENV = ("python", "torch", "torchvision", "dali", "cuda", "device", "device_count")
 
 

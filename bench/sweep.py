@@ -21,7 +21,8 @@ from bench.feature_cache import build_cache
 from bench.flops import eval_flops_per_image, mfu, train_flops_per_image
 from bench.measure import median, peak_memory, reset_peak_memory
 from bench.trace import VariantTrace, plan_window, summarise_trace
-from bench.train import PRECISIONS, EpochStats, EvalStats, NonFiniteLoss, Trainer, make_optimizer, make_scheduler
+from bench.train import (PRECISIONS, EpochStats, EvalStats, NonFiniteLoss, Trainer, is_out_of_memory, make_optimizer,
+                         make_scheduler)
 from bench.variants import Variant
 from models import FreezePlan, apply_unfreeze, build_model, set_train_mode, split_frozen
 from pipelines import NORMALIZE, Split, loader_class
@@ -57,6 +58,8 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     `on_trained(model, row, cfg)` sees the trained model before it is released (checkpoints).
 
     With `--steps N` (throughput mode) the variant trains `warmup_steps + N` steps and is not evaluated."""
+    start = time.perf_counter()  # the variant's wall clock: its own build, FLOP count and cache included
+    graphs_before = fresh_compiler_state() if cfg.compile else 0
     torch.manual_seed(cfg.seed)  # every variant starts from the same head initialisation
     model = build_model(cfg.model, num_classes, pretrained[cfg.model, cfg.weights], cfg.head)
     plan = apply_unfreeze(model, cfg.unfreeze, cfg.unit, cfg.model)
@@ -73,7 +76,7 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     if cfg.feature_cache and split is not None:
         # --augment none: the trunk sees the same input every epoch, so run it once per image. Building
         # the cache is part of the variant's wall time (and GPU-hours): it is the price of the speed-up.
-        start = time.perf_counter()
+        cache_start = time.perf_counter()
         caches = [build_cache(split, make_loader(cfg, s, device, train=False), device=device,
                               dtype=PRECISIONS[cfg.precision], precision=cfg.precision)
                   for s in (splits[:1] if throughput else splits)]  # throughput mode evaluates nothing
@@ -81,11 +84,11 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
         eval_loader = None if throughput else caches[1].batches(cfg.eval_batch_size or cfg.batch_size, shuffle=False)
         net = split.tail
         flops -= eval_flops_per_image(split.trunk, cfg.image_size, channels_last=cfg.channels_last)
-        cache_s = round(time.perf_counter() - start, 3)
+        cache_s = round(time.perf_counter() - cache_start, 3)
     else:
+        caches = None
         train_loader = make_loader(cfg, splits[0], device, train=True)
         eval_loader = make_loader(cfg, splits[1], device, train=False)
-        start = time.perf_counter()  # the variant's wall clock
     steps_per_epoch = len(train_loader)
     total_steps = cfg.warmup_steps + cfg.steps if throughput else cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -95,11 +98,15 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     scheduler = make_scheduler(cfg.scheduler, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                step_size=cfg.step_size, gamma=cfg.gamma, patience=cfg.plateau_patience)
     trainer = Trainer(net, device=device, precision=cfg.precision, compile=cfg.compile,
-                      compile_mode=cfg.compile_mode, optimizer=optimizer, scheduler=scheduler,
-                      label_smoothing=cfg.label_smoothing, data_parallel=data_parallel(cfg))
+                      compile_mode=cfg.compile_mode, compile_backend=cfg.compile_backend, optimizer=optimizer,
+                      scheduler=scheduler, label_smoothing=cfg.label_smoothing, data_parallel=data_parallel(cfg))
 
     # Seed 000 measured training accuracy with a full extra pass each epoch; optional, and timed apart.
-    train_eval_loader = make_loader(cfg, splits[0], device, train=False) if cfg.train_acc and not throughput else None
+    # From the cache, the pass scores the cached training features (the tail is what is trained).
+    train_eval_loader = None
+    if cfg.train_acc and not throughput:
+        train_eval_loader = (caches[0].batches(cfg.eval_batch_size or cfg.batch_size, shuffle=False) if caches
+                             else make_loader(cfg, splits[0], device, train=False))
     stopper = EarlyStopping(cfg.early_stop, cfg.early_stop_metric)
 
     window = plan_window(total_steps, cfg.warmup_steps, cfg.trace_steps) if cfg.trace else None
@@ -140,8 +147,9 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
                 break
     wall = time.perf_counter() - start
     gpu_hours = wall * cfg.devices_used / 3600.0
-    speed = summarise(cfg, epochs_stats, exclude=window.steps if window else range(0))
-    achieved = speed["images_per_s"] * flops / 1e12
+    speed = summarise(cfg, epochs_stats, exclude=window.steps if window else range(0), cache_s=cache_s)
+    # MFU counts the work the device did while training: with the cache, the tail's FLOPs at the tail's rate.
+    achieved = (speed["tail_images_per_s"] or speed["images_per_s"]) * flops / 1e12
     row = {
         **plan_fields(variant, plan),
         "status": "ok",
@@ -149,9 +157,11 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
         "mode": "throughput" if throughput else "train",
         **speed,
         "peak_mem_bytes": peak_memory(device),
+        "device_peak_mem_bytes": trainer.device_peak.bytes,
         "train_gflops_per_image": round(flops / 1e9, 4),
         "achieved_tflops": round(achieved, 4),
-        "mfu": _rounded(mfu(speed["images_per_s"], flops, getattr(cfg, "ceiling_tflops", None)), 4),
+        "mfu": _rounded(mfu(achieved * 1e12, 1.0, getattr(cfg, "ceiling_tflops", None)), 4),
+        "compile_graphs": compiled_graphs() - graphs_before if cfg.compile else None,
         "trunk_cut": split.cut if split is not None else None,
         "feature_cache_s": cache_s,
         "epochs": len(history),
@@ -193,17 +203,22 @@ class EarlyStopping:
         return 0 < self.patience <= self.stale
 
 
-def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]], exclude: range = range(0)) -> dict:
+def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]], exclude: range = range(0),
+              cache_s: float | None = None) -> dict:
     """Steady-state speed from the per-step times of every epoch.
 
     The run's first `warmup_steps` steps (compilation, cuDNN autotuning, allocator growth) and the
-    `exclude` steps (the profiler's window) are left out of images/s and the median; evaluation speed
-    comes from the last evaluation without its first batch.
+    `exclude` steps (the profiler's window) are left out of images/s, the median and the data wait;
+    evaluation speed comes from the last evaluation without its first batch. Trained from the feature
+    cache (`cache_s` its build time), the steady-state rate is the tail's, `tail_images_per_s`, and
+    `images_per_s` is end to end: every image trained over the training time plus the cache's build.
     """
     first, first_eval = epochs[0]
     all_ms = [ms for stats, _ in epochs for ms in stats.step_ms]
+    all_idle = [ms for stats, _ in epochs for ms in stats.idle_ms]
     skip = min(cfg.warmup_steps, len(first.step_ms) - 1)
-    step_ms = [ms for i, ms in enumerate(all_ms) if i >= skip and i not in exclude] or all_ms[skip:]
+    kept = [i for i in range(skip, len(all_ms)) if i not in exclude] or list(range(skip, len(all_ms)))
+    step_ms = [all_ms[i] for i in kept]
     step_median = median(step_ms)
     last_eval = epochs[-1][1]  # None in throughput mode
     eval_bs = cfg.eval_batch_size or cfg.batch_size
@@ -216,14 +231,31 @@ def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]
         if first_eval is not None and first_eval.batch_ms:
             compile_s += max(0.0, first_eval.batch_ms[0] - (median(timed_eval) or 0.0)) / 1e3
     train_wall = sum(stats.wall_s for stats, _ in epochs)
+    steady = round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2)
+    trained = sum(stats.images for stats, _ in epochs)
     return {
-        "images_per_s": round(cfg.batch_size * len(step_ms) / (sum(step_ms) / 1e3), 2),
+        "images_per_s": steady if cache_s is None else round(trained / (train_wall + cache_s), 2),
+        "tail_images_per_s": None if cache_s is None else steady,
         "eval_images_per_s": round(eval_images / (sum(timed_eval) / 1e3), 2) if timed_eval else None,
         "step_ms_median": round(step_median, 3),
-        "data_wait_pct": round(100.0 * sum(stats.data_wait_s for stats, _ in epochs) / train_wall, 2),
+        # The share of the timed steps in which the device had none of our work: waiting for input.
+        "data_wait_pct": round(100.0 * sum(all_idle[i] for i in kept if i < len(all_idle)) / sum(step_ms), 2),
         "compile_s": round(compile_s, 3),
         "train_s": round(train_wall, 3),
     }
+
+
+def fresh_compiler_state() -> int:
+    """Every compiled variant starts as a fresh process would: dynamo's caches hold the graphs of every
+    earlier variant (they all run the same `forward` code), and past its recompile limit a later variant
+    would silently run eager. Returns the graph count so far (the counter survives the reset)."""
+    torch._dynamo.reset()
+    return compiled_graphs()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def failed_row(variant: Variant, plan_row: dict, status: str, error: BaseException, **extra) -> dict:
@@ -255,9 +287,12 @@ def run_with_oom_policy(cfg: argparse.Namespace, variant: Variant, plan_row: dic
         try:
             row = run(cfg)
             return {**row, "batch_size": cfg.batch_size, "lr": cfg.lr, "oom_batch_sizes": failed}
-        except torch.OutOfMemoryError as e:
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
             failed.append(cfg.batch_size)
-            message = f"out of memory at batch size {cfg.batch_size}"
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            message = f"out of memory at batch size {cfg.batch_size} ({cause})"
             del e  # its traceback holds the failed variant's tensors
         release_memory(device)
         if cfg.oom != "retry" or cfg.batch_size == 1:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bench import distributed
-from bench.measure import StepTimer, synchronize
+from bench.measure import DevicePeak, StepTimer, synchronize
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
@@ -58,6 +58,18 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+# How libraries other than torch's allocator report that device memory ran out: cuBLAS and cuDNN
+# fail to allocate their workspaces, DALI fails to grow its pools, the CUDA runtime returns its error.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                         "cudaErrorMemoryAllocation", "CUDA allocation failed", "CUDA_ERROR_OUT_OF_MEMORY")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Every way a step can fail for lack of device memory, not only torch.OutOfMemoryError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in OUT_OF_MEMORY_MARKERS))
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; `step` is the run's step (1-based) where it first did."""
 
@@ -76,7 +88,7 @@ class EpochStats:
     loss: float
     images: int
     step_ms: list[float]        # time between consecutive step starts (data wait included)
-    data_wait_s: float          # host time blocked on the loader
+    idle_ms: list[float]        # per step interval: the device had none of our work (waiting for input)
     wall_s: float
 
 
@@ -100,7 +112,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, device: torch.device, precision: str, compile: bool,
                  compile_mode: str | None, optimizer: torch.optim.Optimizer, scheduler,
-                 label_smoothing: float = 0.0, data_parallel: bool = False):
+                 label_smoothing: float = 0.0, data_parallel: bool = False, compile_backend: str = "inductor"):
         self.model, self.device = model, device
         self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -111,10 +123,14 @@ class Trainer:
         # so dynamo can split the graph at gradient-bucket boundaries); evaluation sums over ranks.
         self.data_parallel = data_parallel
         trained = distributed.wrap_ddp(model, device, compiled=compile) if data_parallel else model
-        self.forward = torch.compile(trained, mode=compile_mode) if compile else trained
+        # dynamic=False: a second batch size (the evaluation's, the last partial batch) gets a graph of its
+        # own instead of turning the batch dimension symbolic for every later call.
+        self.forward = (torch.compile(trained, mode=compile_mode, backend=compile_backend, dynamic=False)
+                        if compile else trained)
         self.compiled = compile
         self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
+        self.device_peak = DevicePeak(device)  # the whole device's memory, DALI's included
 
     def end_epoch(self, val_loss: float) -> None:
         """Epoch-level scheduling: ReduceLROnPlateau watches the validation loss."""
@@ -139,19 +155,20 @@ class Trainer:
         timer = StepTimer(self.device)
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # run step of the first nan/inf
-        images_seen, wait, steps = 0, 0.0, 0
+        images_seen, steps = 0, 0
         synchronize(self.device)
         start = time.perf_counter()
         batches = iter(loader)
         while max_steps is None or steps < max_steps:
-            t0 = time.perf_counter()
             batch = next(batches, None)
-            wait += time.perf_counter() - t0
             if batch is None:
                 break
             x, y = batch
             timer.mark()
             loss = self.step(x, y)
+            timer.mark_end()
+            if steps < 3:  # memory grows over the first steps (allocator, cuDNN workspaces, DALI's pools)
+                self.device_peak.sample()
             loss_sum += loss * y.shape[0]
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.steps_done, first_bad)
             images_seen += y.shape[0]
@@ -161,6 +178,7 @@ class Trainer:
             if steps % NONFINITE_CHECK_EVERY == 0 and first_bad.item() >= 0:
                 raise NonFiniteLoss(int(first_bad))
         timer.mark()
+        self.device_peak.sample()
         synchronize(self.device)
         wall = time.perf_counter() - start
         if first_bad.item() >= 0:
@@ -168,7 +186,7 @@ class Trainer:
         for _ in batches:  # a truncated epoch (max_steps): let DALI finish it, outside the timed region
             pass
         return EpochStats(loss=(loss_sum / max(images_seen, 1)).item(), images=images_seen,
-                          step_ms=timer.intervals_ms(), data_wait_s=wait, wall_s=wall)
+                          step_ms=timer.intervals_ms(), idle_ms=timer.idle_ms(), wall_s=wall)
 
     # no_grad, not inference_mode: inference tensors would make a compiled forward recompile
     # for batches created inside and outside the mode (DALI prefetches the first one outside).
@@ -204,6 +222,7 @@ class Trainer:
             correctk += hits.any(dim=1).sum()
             n += y.shape[0]
         timer.mark()
+        self.device_peak.sample()
         synchronize(self.device)
         wall = time.perf_counter() - start
         local = n

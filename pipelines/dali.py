@@ -6,6 +6,8 @@ One pipeline definition serves both devices. On CUDA the whole uint8 split lives
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -23,11 +25,17 @@ class EpochSource:
     compiled steps and honest step times); evaluation keeps it so every image is scored once.
     With `world_size` > 1 the source serves rank `rank`'s shard of every epoch's order
     (`pipelines.loaders.shard`: training drops the remainder so every rank runs the same steps).
+
+    On the GPU the gather runs on a stream of its own (`stream`, which DALI also copies on): on torch's
+    current stream it would queue behind the training step in flight, so DALI could not prepare the next
+    batch while the model trains, and the training loop would wait for its own previous step.
     """
 
     def __init__(self, images, labels, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels
+        on_gpu = isinstance(images, torch.Tensor) and images.is_cuda
+        self.stream = torch.cuda.Stream(device=images.device) if on_gpu else None
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.rank, self.world_size, self.total = rank, world_size, len(labels)
         self.n = shard_size(self.total, rank, world_size, even=drop_last)
@@ -51,8 +59,10 @@ class EpochSource:
         if info.iteration >= len(self):
             raise StopIteration
         start = info.iteration * self.batch_size
-        idx = self._order_for(info.epoch_idx)[start:start + self.batch_size]
-        return self.images[idx], self.labels[idx]
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            idx = self._order_for(info.epoch_idx)[start:start + self.batch_size]
+            # Freed blocks return to this stream's pool, reused only after DALI's copy on it is done.
+            return self.images[idx], self.labels[idx]
 
 
 def _uniform(spread: float, centre: float = 0.0):
@@ -63,9 +73,10 @@ def _uniform(spread: float, centre: float = 0.0):
 @pipeline_def
 def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype):
     """`aug` as pipelines.augment documents it, at the source resolution, then resize and normalise."""
-    # GPU batches come as torch tensors: DALI copies them on torch's current stream, after the gather.
+    # GPU batches come as torch tensors gathered on the source's own stream: DALI copies them there,
+    # in order after the gather and independent of the training step on torch's current stream.
     images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                        device=device, layout=["HWC", ""])
+                                        device=device, layout=["HWC", ""], cuda_stream=source.stream)
     if aug.pad:  # random crop of the original size from the zero-padded image
         anchor = fn.random.uniform(values=list(range(-aug.pad, aug.pad + 1)), shape=[2], dtype=types.INT32)
         images = fn.slice(images, start=anchor, shape=[source_size, source_size], axis_names="HW",

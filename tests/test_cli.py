@@ -9,7 +9,7 @@ import pytest
 from bench.run import main
 
 # A six-depth sweep small enough for a test: 16 steps per variant on 32 px synthetic images.
-TINY = ["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--epochs", "2",
+TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "128", "--epochs", "2",
         "--batch-size", "32", "--workers", "1"]
 ROW_FIELDS = {"unfreeze", "unit", "trainable_params", "trainable_layers", "status", "images_per_s",
               "eval_images_per_s", "step_ms_median", "data_wait_pct", "peak_mem_bytes", "compile_s", "epochs",
@@ -47,7 +47,7 @@ def test_sweep_writes_every_field_for_six_depths(tmp_path):
 
 
 def test_flags_override_the_profile(tmp_path, capsys):
-    assert main(["--profile", "smoke", "--model", "resnet34", "--unfreeze", "2,all", "--dry-run"]) == 0
+    assert main(["--profile", "smoke", "--device", "cpu", "--model", "resnet34", "--unfreeze", "2,all", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "resnet34" in out and "unfreeze-2" in out and "unfreeze-all" in out
     assert "unfreeze-25" not in out
@@ -114,7 +114,7 @@ def exit_code(args: list[str]) -> int:
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
 def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    assert exit_code(["--profile", "smoke", *args, "--out", str(out_dir)]) == 2
+    assert exit_code(["--profile", "smoke", "--device", "cpu", *args, "--out", str(out_dir)]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
@@ -141,6 +141,6 @@ def test_offline_imagenet_weights_is_one_line(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    code = main(["--profile", "smoke", "--weights", "imagenet", "--out", str(tmp_path / "out")])
+    code = main(["--profile", "smoke", "--device", "cpu", "--weights", "imagenet", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "--weights none" in err and len(err.strip().splitlines()) == 1

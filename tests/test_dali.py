@@ -8,8 +8,7 @@ import pytest
 import torch
 from loader_helpers import CPU, MEAN, STD, decode, epoch, indexed, match_flip_shift
 
-from pipelines.dali import DaliLoader
-
+DaliLoader = pytest.importorskip("pipelines.dali", reason="NVIDIA DALI is not installed").DaliLoader
 
 
 def loader(images, labels, **kw) -> DaliLoader:
@@ -219,3 +218,29 @@ def test_a_preset_with_a_single_colour_jitter_builds_and_varies(synth, monkeypat
     x, _ = next(iter(loader(same, labels[:32], train=True, augment="brightness-only")))
     means = x.float().mean(dim=(1, 2, 3))
     assert means.std() > 0.01  # per-sample brightness factors differ
+
+
+# ----------------------------------------------------------------------------------------------------
+# on a GPU: input is prepared while the model trains
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU pipeline needs CUDA")
+def test_gpu_batches_are_prepared_while_torchs_stream_is_busy():
+    """DALI's source gathers on its own stream: with the training stream busy for about a second, the
+    next batches still arrive at once. On torch's current stream they would wait for it (the loop would
+    block on its own previous step, and data wait would read near 100 %)."""
+    import time
+
+    from pipelines.synthetic import make_synthetic
+    images, labels = make_synthetic(1024, 10, seed=5)
+    gpu = torch.device("cuda")
+    batches = iter(loader(images, labels, device=gpu, train=True, augment="flip-crop", image_size=64, prefetch=2))
+    next(batches)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of spinning on torch's current stream
+    started = time.perf_counter()
+    for _ in range(6):  # more than the prefetch queue holds: the source must be called meanwhile
+        next(batches)
+    waited = time.perf_counter() - started
+    torch.cuda.synchronize()
+    assert waited < 0.25, f"{waited:.2f} s waiting for input behind the busy stream"

@@ -68,7 +68,7 @@ def write_cifar10(root, *, per_batch=20, test_is_train=False):
     _dump(folder / "test_batch", test)
 
 
-RUN = ["--profile", "smoke", "--dataset", "cifar10", "--val-size", "20", "--batch-size", "16", "--epochs", "1",
+RUN = ["--profile", "smoke", "--device", "cpu", "--dataset", "cifar10", "--val-size", "20", "--batch-size", "16", "--epochs", "1",
        "--unfreeze", "1", "--workers", "1"]
 
 
@@ -152,7 +152,7 @@ def test_dali_missing_suggests_torch_loader(tmp_path, capsys, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # makes `import pipelines.dali` fail
     out = tmp_path / "run"
-    assert main(["--profile", "smoke", "--loader", "dali", "--out", str(out)]) == 2
+    assert main(["--profile", "smoke", "--device", "cpu", "--loader", "dali", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "DALI cannot be imported" in err and "--loader torch" in err
     assert not out.exists()
@@ -173,6 +173,6 @@ def test_loader_benchmark_gives_a_positive_rate_for_each_loader(capsys):
     assert [r["loader"] for r in rows] == ["dali", "torch", "torchvision"]
     assert all(r["loader_images_per_s"] > 0 and r["loader_batches"] > 0 for r in rows)
     # and the command itself prints the table
-    assert loaders_main(["--profile", "smoke", "--train-size", "256", "--val-size", "32", "--workers", "0"]) == 0
+    assert loaders_main(["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "32", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("dali", "torch", "torchvision")) and "images/s" in out

@@ -26,7 +26,7 @@ from pipelines import NORMALIZE, loader_class
 from pipelines.synthetic import make_synthetic
 
 # The smoke preset in miniature: resnet18, 10 synthetic classes, 32 px, fp32, the torch loader.
-FLAGS = ["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--workers", "1",
+FLAGS = ["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--workers", "1",
          "--loader", "torch", "--unfreeze", "all"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -260,7 +260,7 @@ def test_bad_flag_is_one_line_exit_2(run, capsys):
 def test_a_run_keeps_its_checkpoints_and_evaluate_reproduces_each_top1(tmp_path, capsys):
     from bench.run import main as run_main
     out = tmp_path / "run"
-    assert run_main(["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--batch-size", "32",
+    assert run_main(["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "128", "--batch-size", "32",
                      "--epochs", "1", "--workers", "1", "--loader", "torch", "--unfreeze", "1,3",
                      "--save-checkpoint", "--no-evaluate-best", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["depths"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import pytest
 import torch
@@ -73,9 +74,20 @@ def test_nothing_trainable_costs_the_forward():
     assert train_flops_per_image(model, 32) == eval_flops_per_image(model, 32)
 
 
-def test_matmul_ceiling_on_cpu():
-    tflops = matmul_ceiling_tflops("cpu", dtype=torch.float32, n=256, repeats=3, warmup=1)
+def test_matmul_ceiling_on_cpu_warms_up_for_the_time_asked_and_restores_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    started = time.perf_counter()
+    tflops = matmul_ceiling_tflops("cpu", dtype=torch.float32, n=256, repeats=3, warmup_s=0.3, tf32=not saved)
+    assert time.perf_counter() - started >= 0.3  # clocks settle over about a second on a GPU: it is not skipped
     assert math.isfinite(tflops) and tflops > 0
+    assert torch.backends.cuda.matmul.allow_tf32 == saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
+def test_fp32_ceiling_follows_the_tf32_setting_the_convolutions_train_with():
+    strict = matmul_ceiling_tflops("cuda", dtype=torch.float32, n=4096, tf32=False)
+    tf32 = matmul_ceiling_tflops("cuda", dtype=torch.float32, n=4096, tf32=True)
+    assert tf32 > 2 * strict  # TF32 tensor cores: about 7x on an H100, against which fp32 MFU was 7x too high
 
 
 def test_mfu():

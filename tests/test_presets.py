@@ -80,7 +80,7 @@ def test_seed004_deep_head_plan():
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_runs_end_to_end_in_miniature(name, tmp_path):
     out = tmp_path / "run"
-    assert main(["--profile", name, "--smoke", "--out", str(out)]) == 0
+    assert main(["--profile", name, "--smoke", "--device", "cpu", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     rows = doc["depths"]
     assert rows and all(r["status"] == "ok" for r in rows)
@@ -138,7 +138,7 @@ def test_early_stopping_counts_epochs_without_improvement():
 def test_early_stopping_stops_a_run_whose_validation_stalls(tmp_path):
     out = tmp_path / "run"
     # lr 0: nothing learns, the validation loss never improves after the first epoch
-    assert main(["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32",
+    assert main(["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32",
                  "--workers", "1", "--unfreeze", "1", "--epochs", "8", "--lr", "0", "--early-stop", "2",
                  "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())["depths"][0]
@@ -147,8 +147,18 @@ def test_early_stopping_stops_a_run_whose_validation_stalls(tmp_path):
 
 def test_epoch_budgets_and_train_accuracy(tmp_path):
     out = tmp_path / "run"
-    assert main(["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+    assert main(["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
                  "--unfreeze", "3", "--epoch-budgets", "1,2", "--train-acc", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["depths"]
     assert [(r["variant"], r["kind"], r["epochs"]) for r in rows] == [("epochs-1", "epochs", 1), ("epochs-2", "epochs", 2)]
     assert all("train_top1" in h for r in rows for h in r["history"]) and rows[1]["train_acc_s"] > 0
+
+
+def test_seed000_with_train_acc_scores_the_cached_training_features(tmp_path):
+    # The preset trains from the feature cache; --train-acc must score what the tail is trained on.
+    out = tmp_path / "run"
+    assert main(["--profile", "seed000-layerwise", "--smoke", "--device", "cpu", "--unfreeze", "1,3", "--train-acc",
+                 "--no-evaluate-best", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["depths"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]  # two depths and the final retraining
+    assert all(0 <= r["history"][-1]["train_top1"] <= 100 and r["train_acc_s"] > 0 for r in rows)

@@ -20,7 +20,7 @@ from bench.run import main
 from bench.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+TINY = ["--profile", "smoke", "--device", "cpu", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
         "--epochs", "1"]
 
 
@@ -28,12 +28,12 @@ def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def oom_above(limit: int):
+def oom_above(limit: int, error=torch.OutOfMemoryError, message="CUDA out of memory (injected for batch {})"):
     real = Trainer.step
 
     def step(self, images, labels):
         if images.shape[0] > limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected for batch {images.shape[0]})")
+            raise error(message.format(images.shape[0]))
         return real(self, images, labels)
     return step
 
@@ -55,6 +55,14 @@ def test_oom_retry_halves_the_batch_until_it_fits(tmp_path, monkeypatch):
     row = results(out)["depths"][0]
     assert row["status"] == "ok" and row["batch_size"] == 8 and row["oom_batch_sizes"] == [32, 16]
     assert row["lr"] == pytest.approx(0.001)  # scaled with the batch: 0.004 * 8 / 32
+
+
+def test_oom_retry_counts_cudnn_and_cublas_allocation_failures_as_out_of_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "step", oom_above(16, RuntimeError, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED ({})"))
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1", "--oom", "retry", "--out", str(out)]) == 0
+    row = results(out)["depths"][0]
+    assert row["status"] == "ok" and row["batch_size"] == 16 and row["oom_batch_sizes"] == [32]
 
 
 def test_no_model_survives_into_the_next_variant(tmp_path, monkeypatch):
@@ -117,6 +125,21 @@ def test_existing_out_needs_resume_and_resume_checks_settings(tmp_path, capsys):
     assert results(out)["run"]["resumed_rows"] == 1
 
 
+def test_resume_reads_a_schema_2_run_and_adds_its_wall_time(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 0
+    doc = results(out)
+    # as schema 2 wrote it: no --compile-backend setting, no whole-run time; the second variant unfinished
+    doc["schema_version"], doc["depths"] = 2, doc["depths"][:1]
+    for key in ("compile_backend", "wall_s", "device_hours", "tf32"):
+        doc["run"].pop(key)
+    doc["run"]["wall_s"] = 1000.0  # the earlier process's time
+    (out / "results.json").write_text(json.dumps(doc))
+    assert main([*TINY, "--unfreeze", "1,3", "--resume", str(out)]) == 0
+    run = results(out)["run"]
+    assert run["resumed_rows"] == 1 and run["earlier_wall_s"] == 1000.0 and run["wall_s"] > 1000.0
+
+
 def _start(args, out):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bench.run", *args, "--out", str(out)], cwd=ROOT, env=env,
@@ -136,7 +159,7 @@ def _wait_for_rows(out: Path, n: int, proc, timeout=180.0):
     pytest.fail("the run did not finish a variant in time")
 
 
-SLOW_SWEEP = ["--profile", "smoke", "--train-size", "512", "--val-size", "64", "--batch-size", "32",
+SLOW_SWEEP = ["--profile", "smoke", "--device", "cpu", "--train-size", "512", "--val-size", "64", "--batch-size", "32",
               "--workers", "1", "--epochs", "2", "--unfreeze", "1,3,6,12"]
 
 
@@ -186,7 +209,7 @@ SWITCHES = ["--final", "--allow-overlap", "--compile", "--no-channels-last", "--
 
 @st.composite
 def command_lines(draw):
-    argv = ["--profile", "smoke", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--steps", "1",
+    argv = ["--profile", "smoke", "--device", "cpu", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--steps", "1",
             "--workers", "0"]
     for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=5)):
         argv += [flag, draw(st.sampled_from(FLAGS[flag] + JUNK))]

@@ -1,12 +1,15 @@
 """The speed features on the CPU: throughput mode, FLOPs and MFU in every row, the frozen trunk split
 off, and the feature cache, each against the plain path it replaces."""
+import argparse
 import json
+import time
 
 import pytest
+import torch
 
 from bench.run import main
 
-TINY = ["--profile", "smoke", "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--workers", "1",
+TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--workers", "1",
         "--loader", "torch", "--no-evaluate-best"]
 
 
@@ -27,6 +30,13 @@ def test_throughput_mode_times_steps_without_evaluating(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "evaluation").exists()
     run = json.loads((out / "results.json").read_text())["run"]
     assert run["ceiling_tflops"] > 0
+    assert run["tf32"] == {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    # The whole process costs more than its variants: start-up, the loader benchmark, the report.
+    assert run["wall_s"] > head["wall_s"] + full["wall_s"]
+    assert run["device_hours"] == pytest.approx(run["wall_s"] / 3600)
+    for row in (head, full):  # a variant's own build (model, FLOP count) is inside its wall time
+        assert row["wall_s"] > row["train_s"]
+        assert row["device_peak_mem_bytes"] is None  # the CPU has no device memory apart from the process's
 
 
 def test_split_trunk_trains_exactly_as_the_whole_model(tmp_path):
@@ -50,6 +60,11 @@ def test_feature_cache_matches_training_through_the_trunk(tmp_path):
     assert cached["history"][-1]["train_loss"] == pytest.approx(plain["history"][-1]["train_loss"], rel=1e-4)
     # only the head's FLOPs are left per training image
     assert cached["train_gflops_per_image"] < 0.01 * plain["train_gflops_per_image"]
+    # images/s is end to end, the cache's build included; the tail's own rate is named apart
+    assert plain["tail_images_per_s"] is None
+    trained = cached["steps"] * 32
+    assert cached["images_per_s"] == pytest.approx(trained / (cached["train_s"] + cached["feature_cache_s"]), rel=1e-3)
+    assert cached["tail_images_per_s"] > cached["images_per_s"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -116,3 +131,48 @@ def test_compiled_evaluation_pads_the_last_batch_instead_of_recompiling():
     assert compiled.images == 20 and compiled.top1 == eager.top1
     assert abs(compiled.loss - eager.loss) < 1e-4
     torch._dynamo.reset()
+
+
+def test_data_wait_is_the_idle_share_of_the_timed_steps_only():
+    from bench.sweep import summarise
+    from bench.train import EpochStats
+
+    cfg = argparse.Namespace(warmup_steps=2, batch_size=10, eval_batch_size=None, compile=False)
+    # 6 steps of 10 ms; the two warm-up steps waited 90 ms each for input, the timed ones 2 ms
+    step_ms, idle_ms = [100.0, 100.0, 10.0, 10.0, 10.0, 10.0], [90.0, 90.0, 2.0, 2.0, 2.0, 2.0]
+    epochs = [(EpochStats(loss=1.0, images=60, step_ms=step_ms, idle_ms=idle_ms, wall_s=0.24), None)]
+    assert summarise(cfg, epochs)["data_wait_pct"] == 20.0
+
+
+def test_data_wait_shows_a_slow_loader():
+    from bench.train import Trainer, make_optimizer, make_scheduler
+
+    model = torch.nn.Linear(8, 2)
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=0, momentum=0, device=torch.device("cpu"))
+    trainer = Trainer(model, device=torch.device("cpu"), precision="fp32", compile=False, compile_mode=None,
+                      optimizer=opt, scheduler=make_scheduler("none", opt, total_steps=1, steps_per_epoch=1,
+                                                              step_size=1, gamma=1))
+
+    def slow(batches=6):
+        for _ in range(batches):
+            time.sleep(0.05)  # input that takes 50 ms against a step of well under 1 ms
+            yield torch.randn(4, 8), torch.randint(0, 2, (4,))
+    stats = trainer.train_epoch(slow())
+    assert len(stats.idle_ms) == len(stats.step_ms) == 6
+    assert sum(stats.idle_ms) > 0.8 * sum(stats.step_ms)
+
+
+def test_batch_search_takes_every_allocation_failure_for_out_of_memory():
+    from bench.batch_size import search
+
+    def cublas(batch):
+        if batch > 32:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return float(batch)
+    chosen, trials = search(cublas, start=16, limit=4096)
+    assert chosen == 32 and trials[-1]["oom"] and "CUBLAS_STATUS_ALLOC_FAILED" in trials[-1]["error"]
+
+    def broken(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):  # a real error is not mistaken for a full device
+        search(broken, start=16, limit=4096)

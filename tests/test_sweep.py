@@ -8,7 +8,7 @@ import bench.sweep
 from bench.run import main
 from bench.train import Trainer
 
-TINY = ["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1"]
+TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1"]
 
 
 def test_failed_variant_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 @pytest.fixture(scope="module")
 def traced_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("traced") / "run"
-    code = main(["--profile", "smoke", "--unfreeze", ",".join(v.split("-")[1] for v in VARIANTS), "--trace",
+    code = main(["--profile", "smoke", "--device", "cpu", "--unfreeze", ",".join(v.split("-")[1] for v in VARIANTS), "--trace",
                  "--train-size", "256", "--val-size", "128", "--batch-size", "32", "--epochs", "1",
                  "--warmup-steps", "2", "--trace-steps", "2", "--loader", "torch", "--out", str(out)])
     assert code == 0

@@ -74,7 +74,7 @@ def test_no_trace_file_no_summary(tmp_path):
     assert summarise_trace(tmp_path) is None
 
 
-TINY = ["--profile", "smoke", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
         "--loader", "torch", "--unfreeze", "1", "--no-evaluate-best"]
 
 
@@ -108,7 +108,7 @@ def test_traced_steps_are_left_out_of_the_throughput_figures():
     window = TraceWindow(wait=2, warmup=1, active=3)
     for i in window.steps:
         step_ms[i] = 500.0
-    epochs = [(EpochStats(loss=1.0, images=120, step_ms=step_ms, data_wait_s=0.0, wall_s=3.0),
+    epochs = [(EpochStats(loss=1.0, images=120, step_ms=step_ms, idle_ms=[0.0] * len(step_ms), wall_s=3.0),
                EvalStats(1.0, 50.0, 90.0, 20, [5.0, 5.0], 0.01))]
     traced = summarise(cfg, epochs, exclude=window.steps)
     assert traced["step_ms_median"] == 10.0 and traced["images_per_s"] == 1000.0
