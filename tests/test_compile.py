@@ -55,3 +55,17 @@ def test_compile_backend_is_checked(capsys):
     assert "unknown --compile-backend 'no_such_backend'" in err and "inductor" in err
     assert main(["--profile", "smoke", "--compile-backend", "eager", "--dry-run"]) == 2
     assert "--compile-backend eager needs --compile" in capsys.readouterr().err
+
+
+def test_batch_size_auto_trials_the_compiled_step(tmp_path):
+    GRAPHS.clear()
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1", "--batch-size", "auto", "--steps", "1", "--warmup-steps", "1",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    trials = doc["run"]["batch_size_search"]
+    assert [t["batch_size"] for t in trials] == [16, 32, 64, 128]  # up to the 128 training images
+    (row,) = doc["depths"]
+    # each trial compiled its training step from a clean state, as the variant then did
+    assert len(GRAPHS) == len(trials) + row["compile_graphs"] and row["compile_graphs"] == 1
+    torch._dynamo.reset()

@@ -60,7 +60,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(run):
     """`python -m bench.evaluate <checkpoint>` with the default --out, and what it wrote."""
-    assert main([str(run.ckpt)]) == 0
+    assert main([str(run.ckpt), "--device", "cpu"]) == 0
     out = run.root / "evaluation" / "unfreeze-all-val"
     return out, json.loads((out / "evaluation.json").read_text())
 
@@ -129,7 +129,7 @@ def test_figures_are_real_pictures(evaluated, name):
 def test_predictions_grid_follows_the_seed(run, evaluated, tmp_path):
     _, result = evaluated
     assert len(result["grid_indices"]) == 12 == len(set(result["grid_indices"]))
-    assert main([str(run.ckpt), "--out", str(tmp_path / "seed7"), "--seed", "7", "--split", "test",
+    assert main([str(run.ckpt), "--device", "cpu", "--out", str(tmp_path / "seed7"), "--seed", "7", "--split", "test",
                  "--batch-size", "50"]) == 0
     other = json.loads((tmp_path / "seed7" / "evaluation.json").read_text())
     assert other["grid_indices"] != result["grid_indices"]
@@ -268,6 +268,6 @@ def test_a_run_keeps_its_checkpoints_and_evaluate_reproduces_each_top1(tmp_path,
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "unfreeze-1.pt", "unfreeze-3.pt"]
     for name, row in [("best.pt", best), *((f"{r['variant']}.pt", r) for r in rows)]:
         capsys.readouterr()
-        assert main([str(out / "checkpoints" / name), "--out", str(tmp_path / name)]) == 0
+        assert main([str(out / "checkpoints" / name), "--device", "cpu", "--out", str(tmp_path / name)]) == 0
         scored = json.loads((tmp_path / name / "evaluation.json").read_text())
         assert scored["variant"] == row["variant"] and scored["top1"] == row["top1"]

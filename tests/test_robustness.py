@@ -242,6 +242,7 @@ def test_schema_validator_rejects_what_it_should():
     from bench.schema import SCHEMA_VERSION
     out = {"schema_version": SCHEMA_VERSION, "run": {"model": "m", "dataset": "d", "batch_size": 1, "seed": 0,
                                                      "variants": [], "world_size": 1, "ceiling_tflops": 1.0,
+                                                     "tf32": {}, "wall_s": 1.0, "device_hours": 0.0003,
                                         "env": {k: "" for k in ("python", "torch", "torchvision", "dali", "cuda",
                                                                 "device", "device_count")}}, "depths": []}
     assert validate_results(out) == []

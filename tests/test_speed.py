@@ -63,7 +63,7 @@ def test_feature_cache_matches_training_through_the_trunk(tmp_path):
     # images/s is end to end, the cache's build included; the tail's own rate is named apart
     assert plain["tail_images_per_s"] is None
     trained = cached["steps"] * 32
-    assert cached["images_per_s"] == pytest.approx(trained / (cached["train_s"] + cached["feature_cache_s"]), rel=1e-3)
+    assert cached["images_per_s"] == pytest.approx(trained / (cached["train_s"] + cached["feature_cache_s"]), rel=1e-2)  # both times rounded to ms
     assert cached["tail_images_per_s"] > cached["images_per_s"]
 
 
@@ -159,7 +159,9 @@ def test_data_wait_shows_a_slow_loader():
             yield torch.randn(4, 8), torch.randint(0, 2, (4,))
     stats = trainer.train_epoch(slow())
     assert len(stats.idle_ms) == len(stats.step_ms) == 6
-    assert sum(stats.idle_ms) > 0.8 * sum(stats.step_ms)
+    # interval i ends with fetching batch i + 1: five waited 50 ms for input, the last (end of data) did not
+    assert all(ms >= 50.0 for ms in stats.idle_ms[:5]) and stats.idle_ms[5] < 50.0
+    assert all(idle <= step for idle, step in zip(stats.idle_ms, stats.step_ms))
 
 
 def test_batch_search_takes_every_allocation_failure_for_out_of_memory():
