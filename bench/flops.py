@@ -87,7 +87,7 @@ def matmul_ceiling_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int | 
                           repeats: int = 10, warmup_s: float | None = None, tf32: bool | None = None) -> float:
     """Achieved TFLOP/s of an n x n @ n x n matmul on `device` (2 n^3 FLOPs), median of `repeats`.
 
-    n defaults to 8192 on CUDA (large enough to saturate tensor cores on an H100) and 1024 on the CPU.
+    n defaults to 8192 on CUDA (large enough to saturate tensor cores on an H100), 1024 on the CPU (256 in fp16).
     Matmuls run for `warmup_s` seconds first (default 1 s on CUDA, where clocks and power settle over
     about that long; 0.1 s on the CPU, for the thread pool), at least 3 of them. A float32 ceiling on
     CUDA is a TF32 one when `tf32` is true: pass the setting the network's convolutions train with
@@ -95,7 +95,8 @@ def matmul_ceiling_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int | 
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    n = n or (8192 if cuda else 1024)
+    # A CPU without native fp16 matmuls emulates them at about 1 GFLOP/s: 1024^2 would take 2 s a matmul.
+    n = n or (8192 if cuda else 256 if dtype == torch.float16 else 1024)
     warmup_s = (1.0 if cuda else 0.1) if warmup_s is None else warmup_s
     saved = torch.backends.cuda.matmul.allow_tf32
     if tf32 is not None:

@@ -4,14 +4,17 @@ reader can see whether input keeps up with training."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.measure import StepTimer, median, synchronize
+from bench.files import atomic_write, ensure_writable
+from bench.measure import StepTimer, environment, median, synchronize
 from pipelines import LOADERS, DataError, Split
 
 
@@ -44,13 +47,28 @@ def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmu
 
 
 def benchmark(cfg: argparse.Namespace, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
+    """One row per loader; a loader that cannot be built here (DALI not installed) gets its reason as
+    `error` and the others are still measured."""
     from bench.sweep import make_loader  # the sweep's own construction, so the settings are the run's
     rows = []
     for name in loaders:
-        loader = make_loader(argparse.Namespace(**{**vars(cfg), "loader": name}), train, device, train=True)
+        try:
+            loader = make_loader(argparse.Namespace(**{**vars(cfg), "loader": name}), train, device, train=True)
+        except DataError as e:
+            rows.append({"loader": name, "loader_images_per_s": None, "loader_batch_ms_median": None,
+                         "loader_batches": 0, "error": str(e)})
+            continue
         rows.append({"loader": name, **measure_loader(loader, device)})
         del loader
     return rows
+
+
+def split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This command's own flags (`--loaders`, `--json`); the rest are bench.run's."""
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--loaders", default=",".join(LOADERS))
+    own.add_argument("--json", default=None, metavar="PATH")
+    return own.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,18 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     from bench.run import USER_ERRORS, load_splits, resolve_device  # bench.run imports this module
     console = Console() if sys.stdout.isatty() else Console(width=150)
     try:
-        cfg = parse_config(argv)
+        own, rest = split_own_flags(sys.argv[1:] if argv is None else argv)
+        names = [n.strip() for n in own.loaders.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(LOADERS))
+        if unknown or not names:
+            raise DataError(f"--loaders {own.loaders!r}: choose from {', '.join(LOADERS)}")
+        cfg = parse_config(rest)
         device = resolve_device(cfg.device)
         _, train, _ = load_splits(cfg)
+        if own.json:
+            ensure_writable(Path(own.json).parent, "--json")
     except USER_ERRORS as e:
         print(f"bench.loaders: error: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    try:
-        rows = benchmark(cfg, train, device)
-    except DataError as e:  # e.g. DALI missing: one line, as for bench.run
-        print(f"bench.loaders: error: {e}", file=sys.stderr)
-        return 2
+    rows = benchmark(cfg, train, device, names)
     table = Table(title=f"loaders alone: {cfg.dataset} train split, batch {cfg.batch_size}, {cfg.image_size}px, "
                         f"augment {cfg.augment}, {device.type}")
     for col in ("loader", "images/s", "batch ms (median)", "batches timed", "vs fastest"):
@@ -80,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["loader"], f"{ips:,.0f}" if ips else "-", f"{r['loader_batch_ms_median'] or 0:.2f}",
                       str(r["loader_batches"]), f"{(ips or 0) / best:.2f}x")
     console.print(table)
+    for r in rows:
+        if r.get("error"):
+            console.print(f"{r['loader']}: not measured: {r['error']}")
     console.print(f"{time.perf_counter() - started:.1f} s")
-    return 0
+    if own.json:
+        atomic_write(Path(own.json), json.dumps({"device": device.type, "batch_size": cfg.batch_size,
+                                                 "image_size": cfg.image_size, "augment": cfg.augment,
+                                                 "env": environment(device), "rows": rows}, indent=2) + "\n")
+    return 0 if any(r["loader_images_per_s"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -48,14 +48,19 @@ def plan_window(total_steps: int, skip: int, active: int) -> TraceWindow | None:
         warnings.warn(f"--trace: {total_steps} step(s) are too few to trace (needs at least {1 + PROFILER_WARMUP}); "
                       "no trace for this variant", stacklevel=2)
         return None
-    wanted = TraceWindow(skip, PROFILER_WARMUP, active)
-    if skip + PROFILER_WARMUP + active <= total_steps:
-        return wanted
-    fit_active = min(active, total_steps - PROFILER_WARMUP)
-    window = TraceWindow(max(0, total_steps - PROFILER_WARMUP - fit_active), PROFILER_WARMUP, fit_active)
-    warnings.warn(f"--trace: the run has {total_steps} steps, fewer than the {skip} warm-up + {PROFILER_WARMUP} + "
-                  f"{active} traced the schedule needs; tracing steps {window.wait + PROFILER_WARMUP + 1}.."
-                  f"{window.wait + PROFILER_WARMUP + fit_active} instead", stacklevel=2)
+    window = TraceWindow(skip, PROFILER_WARMUP, active)
+    if skip + PROFILER_WARMUP + active > total_steps:
+        fit_active = min(active, total_steps - PROFILER_WARMUP)
+        window = TraceWindow(max(0, total_steps - PROFILER_WARMUP - fit_active), PROFILER_WARMUP, fit_active)
+        warnings.warn(f"--trace: the run has {total_steps} steps, fewer than the {skip} warm-up + {PROFILER_WARMUP} + "
+                      f"{active} traced the schedule needs; tracing steps {window.wait + PROFILER_WARMUP + 1}.."
+                      f"{window.wait + PROFILER_WARMUP + fit_active} instead", stacklevel=2)
+    # images/s leaves the profiler's steps out; with none left, it would time the profiler's overhead
+    untraced = max(0, window.wait - skip) + total_steps - (window.wait + PROFILER_WARMUP + window.active)
+    if untraced <= 0:
+        warnings.warn(f"--trace: every timed step of this variant's {total_steps} is inside the profiler's window, "
+                      f"so its images/s includes the profiler's overhead; train at least "
+                      f"{skip + PROFILER_WARMUP + active + 1} steps, or lower --trace-steps", stacklevel=2)
     return window
 
 

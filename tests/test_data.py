@@ -176,3 +176,21 @@ def test_loader_benchmark_gives_a_positive_rate_for_each_loader(capsys):
     assert loaders_main(["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "32", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("dali", "torch", "torchvision")) and "images/s" in out
+
+
+def test_loader_benchmark_without_dali_measures_the_others_and_writes_json(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    from bench.loaders import main as loaders_main
+    monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # makes `import pipelines.dali` fail
+    path = tmp_path / "loaders.json"
+    assert loaders_main(["--profile", "smoke", "--device", "cpu", "--train-size", "512", "--val-size", "32",
+                         "--batch-size", "32", "--workers", "0", "--loaders", "dali,torch", "--json", str(path)]) == 0
+    rows = {r["loader"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"dali", "torch"}
+    assert rows["dali"]["loader_images_per_s"] is None and "DALI cannot be imported" in rows["dali"]["error"]
+    assert rows["torch"]["loader_images_per_s"] > 0
+    assert "dali: not measured" in capsys.readouterr().out
+    assert loaders_main(["--profile", "smoke", "--device", "cpu", "--loaders", "dali,tpu"]) == 2
+    assert "--loaders 'dali,tpu'" in capsys.readouterr().err

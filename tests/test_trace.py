@@ -24,6 +24,15 @@ def test_short_run_gets_a_smaller_window_and_a_warning():
     assert window.wait + window.warmup + window.active <= 4 and window.active == 3
 
 
+def test_a_window_over_every_timed_step_warns():
+    # 1 warm-up + 4 timed steps: the profiler's warm-up and 3 recorded steps take all 4
+    with pytest.warns(UserWarning, match="every timed step"):
+        assert plan_window(total_steps=5, skip=1, active=3) == TraceWindow(1, 1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_window(total_steps=6, skip=1, active=3)  # one timed step left outside: no warning
+
+
 def test_run_too_short_to_trace_warns_and_traces_nothing():
     with pytest.warns(UserWarning, match="too few to trace"):
         assert plan_window(total_steps=1, skip=0, active=3) is None
