@@ -149,7 +149,8 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
     gpu_hours = wall * cfg.devices_used / 3600.0
     speed = summarise(cfg, epochs_stats, exclude=window.steps if window else range(0), cache_s=cache_s)
     # MFU counts the work the device did while training: with the cache, the tail's FLOPs at the tail's rate.
-    achieved = (speed["tail_images_per_s"] or speed["images_per_s"]) * flops / 1e12
+    work_rate = speed["tail_images_per_s"] or speed["images_per_s"]
+    achieved = work_rate * flops / 1e12
     row = {
         **plan_fields(variant, plan),
         "status": "ok",
@@ -160,7 +161,7 @@ def run_variant(cfg: argparse.Namespace, variant: Variant, splits: tuple[Split, 
         "device_peak_mem_bytes": trainer.device_peak.bytes,
         "train_gflops_per_image": round(flops / 1e9, 4),
         "achieved_tflops": round(achieved, 4),
-        "mfu": _rounded(mfu(achieved * 1e12, 1.0, getattr(cfg, "ceiling_tflops", None)), 4),
+        "mfu": _rounded(mfu(work_rate, flops, getattr(cfg, "ceiling_tflops", None)), 4),
         "compile_graphs": compiled_graphs() - graphs_before if cfg.compile else None,
         "trunk_cut": split.cut if split is not None else None,
         "feature_cache_s": cache_s,
