@@ -47,19 +47,19 @@ def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmu
 
 
 def benchmark(cfg: argparse.Namespace, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
-    """One row per loader; a loader that cannot be built here (DALI not installed) gets its reason as
-    `error` and the others are still measured."""
+    """One row per loader; a loader that cannot be built or fails here (DALI not installed) gets its
+    reason as `error` and the others are still measured."""
     from bench.sweep import make_loader  # the sweep's own construction, so the settings are the run's
     rows = []
     for name in loaders:
         try:
             loader = make_loader(argparse.Namespace(**{**vars(cfg), "loader": name}), train, device, train=True)
-        except DataError as e:
+            rows.append({"loader": name, **measure_loader(loader, device)})
+            del loader
+        except Exception as e:  # recorded in its row; the next loader is measured all the same
+            message = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
             rows.append({"loader": name, "loader_images_per_s": None, "loader_batch_ms_median": None,
-                         "loader_batches": 0, "error": str(e)})
-            continue
-        rows.append({"loader": name, **measure_loader(loader, device)})
-        del loader
+                         "loader_batches": 0, "error": (message.strip().splitlines() or [type(e).__name__])[0]})
     return rows
 
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     best = max((r["loader_images_per_s"] or 0) for r in rows) or 1.0
     for r in rows:
         ips = r["loader_images_per_s"]
-        table.add_row(r["loader"], f"{ips:,.0f}" if ips else "-", f"{r['loader_batch_ms_median'] or 0:.2f}",
+        ms = r["loader_batch_ms_median"]
+        table.add_row(r["loader"], f"{ips:,.0f}" if ips else "-", "-" if ms is None else f"{ms:.2f}",
                       str(r["loader_batches"]), f"{(ips or 0) / best:.2f}x")
     console.print(table)
     for r in rows:

@@ -194,3 +194,26 @@ def test_loader_benchmark_without_dali_measures_the_others_and_writes_json(tmp_p
     assert "dali: not measured" in capsys.readouterr().out
     assert loaders_main(["--profile", "smoke", "--device", "cpu", "--loaders", "dali,tpu"]) == 2
     assert "--loaders 'dali,tpu'" in capsys.readouterr().err
+
+
+def test_loader_benchmark_records_a_loader_that_fails_and_measures_the_next(monkeypatch):
+    import argparse
+
+    import torch
+
+    import bench.sweep
+    from bench.config import get_args_parser
+    from bench.loaders import benchmark
+    real = bench.sweep.make_loader
+
+    def broken_torch_loader(cfg, *args, **kwargs):
+        if cfg.loader == "torch":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(cfg, *args, **kwargs)
+    monkeypatch.setattr(bench.sweep, "make_loader", broken_torch_loader)
+    cfg = get_args_parser().parse_args(["--image-size", "32", "--batch-size", "32", "--workers", "0", "--precision", "fp32"])
+    data = load_dataset("synthetic", num_classes=4, train_size=256, val_size=32, seed=0)
+    torch_row, torchvision_row = benchmark(argparse.Namespace(**vars(cfg)), data.train, torch.device("cpu"),
+                                           ("torch", "torchvision"))
+    assert torch_row["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert torch_row["loader_images_per_s"] is None and torchvision_row["loader_images_per_s"] > 0

@@ -1,0 +1,361 @@
+"""`python -m bench.suite`: the whole suite rehearsed on the CPU, and its parts (budget, failures,
+time limits, targets, bad input) with small injected steps."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from bench.suite import cli
+from bench.suite.figures import TARGETS, check_targets, compute_figures
+from bench.suite.parse import ParseError, parse_loaders
+from bench.suite.runner import BUDGET_S
+from bench.suite.steps import GPU, REHEARSAL, STEPS, Step, Suite
+from bench.suite.summary import info_lines, run_row_line, target_lines
+from bench.trace import plan_window
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_step(name: str, code: str, limit: int = 30, figures: dict | None = None) -> Step:
+    """A step whose command is `python -c code` and whose figures are `figures` (or a parse failure)."""
+    def parse(out, run_dir, log):
+        if figures is None:
+            raise ParseError("no figures")
+        return figures
+    return Step(name, f"fake step {name}", limit, limit, lambda s, run_dir: [sys.executable, "-c", code], parse)
+
+
+def run_main(argv: list[str], steps=STEPS) -> int:
+    try:
+        return cli.main(argv, steps=steps)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def records(out: Path) -> dict:
+    return {s["name"]: s for s in json.loads((out / "suite.json").read_text())["steps"]}
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_step_and_leaves_one_shareable_folder(tmp_path):
+    out = tmp_path / "suite"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench.suite", "--rehearse", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert time.monotonic() - started < BUDGET_S["rehearsal"] + 60  # the budget bounds the suite
+    doc = json.loads((out / "suite.json").read_text())
+    steps = records(out)
+    assert list(steps) == [s.name for s in STEPS]
+    for name, step in steps.items():
+        if step["status"] == "skipped":
+            assert step["reason"], name
+            continue
+        assert step["status"] == "ok", (name, step.get("reason"), step.get("log_tail"))
+        assert (out / step["log"]).is_file() and step["command"][0] == sys.executable and step["figures"]
+    assert "--timm-benchmark" in steps["timm"]["reason"] and steps["timm"]["status"] == "skipped"
+    for name in ("environment", "throughput", "compile"):  # the first steps always fit in the budget
+        assert steps[name]["status"] == "ok"
+    # bench.run's own results travel with the folder, and the figures are read from them
+    assert (out / "runs" / "throughput" / "results.json").is_file()
+    assert doc["figures"]["all_images_per_s"] > 0 and doc["figures"]["unfreeze1_images_per_s"] > 0
+    assert doc["figures"]["loader_speedup"] > 0 and doc["figures"]["data_wait_pct"] >= 0
+    assert steps["compile"]["figures"]["rows"]["unfreeze-1"]["compile_s"] > 0
+    assert doc["environment"]["matmul_bf16_tflops"] > 0 and doc["environment"]["copy_gbps"] > 0
+    if steps["loaders"]["status"] == "ok":  # read from bench.loaders' --json, not its printed table
+        assert steps["loaders"]["figures"]["json"] == "runs/loaders/loaders.json"
+        assert steps["loaders"]["figures"]["loaders"]["torch"]["images_per_s"] > 0
+    if steps["trace"]["status"] == "ok":
+        assert "every timed step" not in (out / steps["trace"]["log"]).read_text()
+    assert {t["key"] for t in doc["targets"]} == {t.key for t in TARGETS}
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| figure | measured | target | result | ceiling in the same run | notes |" in summary
+    for target in TARGETS:
+        assert target.label in summary
+    assert "| timm | skipped |" in summary
+    with tarfile.open(tmp_path / "suite.tar.gz") as tar:
+        names = tar.getnames()
+    assert "suite/suite.json" in names and "suite/SUMMARY.md" in names and "suite/logs/throughput.log" in names
+
+
+def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path):
+    out = tmp_path / "s"
+    steps = (fake_step("boom", "import sys; print('the device caught fire'); sys.exit(3)"),
+             fake_step("silent", "pass"),  # exits 0 but leaves nothing to read
+             fake_step("after", "print('fine')", figures={"images_per_s": 1.0}))
+    assert run_main(["--rehearse", "--out", str(out)], steps) == 1
+    boom, silent, after = records(out).values()
+    assert boom["status"] == "failed" and boom["returncode"] == 3
+    assert "exit code 3: the device caught fire" in boom["reason"]
+    assert "the device caught fire" in boom["log_tail"]
+    assert "the device caught fire" in (out / boom["log"]).read_text()
+    assert silent["status"] == "failed" and "left no figures" in silent["reason"]
+    assert after["status"] == "ok" and after["figures"] == {"images_per_s": 1.0}
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| boom | failed |" in summary and "| after | ok |" in summary
+    assert (tmp_path / "s.tar.gz").is_file()
+
+
+def test_a_step_whose_limit_exceeds_what_remains_is_skipped_and_listed(tmp_path):
+    out = tmp_path / "s"
+    steps = (fake_step("first", "import time; time.sleep(1.5)", limit=5, figures={}),
+             fake_step("long", "pass", limit=9, figures={}),   # 9 s limit, about 8.5 s left: skipped
+             fake_step("short", "pass", limit=5, figures={}))  # still fits: runs
+    assert run_main(["--rehearse", "--out", str(out), "--budget", "10"], steps) == 0
+    first, long, short = records(out).values()
+    assert first["status"] == "ok" and short["status"] == "ok"
+    assert long["status"] == "skipped" and long["reason"].startswith("budget: needs up to 9 s")
+    assert long["log"] is None and not (out / "logs" / "long.log").exists()
+    assert "| long | skipped |" in (out / "SUMMARY.md").read_text()
+
+
+def test_a_step_over_its_limit_is_stopped_with_its_whole_process_group(tmp_path):
+    out, pid_file = tmp_path / "s", tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    started = time.monotonic()
+    assert run_main(["--rehearse", "--out", str(out)], (fake_step("hang", code, limit=3),)) == 1
+    assert time.monotonic() - started < 20
+    (hang,) = records(out).values()
+    assert hang["status"] == "timeout" and "over its 3 s limit" in hang["reason"]
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the step's own child outlived it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_targets_pass_and_fail_on_hand_made_figures():
+    figures = {"all_images_per_s": 8000.0, "unfreeze1_images_per_s": 29_999.0, "loader_speedup": 5.0,
+               "data_wait_pct": 2.0, "dali_loader_speedup": 4.9, "dali_data_wait_pct": 0.5,
+               "study_gpu_minutes": None, "compile_overhead_pct": 10.5, "timm_ratio": 1.02}
+    results = {t["key"]: t["result"] for t in check_targets(figures)}
+    assert results == {"all_images_per_s": "pass",        # >= is inclusive
+                       "unfreeze1_images_per_s": "fail",
+                       "loader_speedup": "pass", "data_wait_pct": "fail",  # < 2 % is strict
+                       "dali_loader_speedup": "fail", "dali_data_wait_pct": "pass",
+                       "study_gpu_minutes": "no data", "compile_overhead_pct": "fail", "timm_ratio": "pass"}
+
+
+def _run_record(rows: dict, run: dict | None = None, status: str = "ok", seconds: float = 100.0) -> dict:
+    return {"status": status, "seconds": seconds,
+            "figures": {"run": run or {}, "rows": {f"unfreeze-{d}": {"unfreeze": d, "status": "ok", **r}
+                                                   for d, r in rows.items()}}}
+
+
+def test_figures_are_computed_from_the_steps_records():
+    depths = {d: {"images_per_s": 1000.0, "data_wait_pct": 0.5} for d in ("1", "3", "6", "12", "15", "25")}
+    depths["1"] = {"images_per_s": 2000.0, "data_wait_pct": 1.5}
+    depths["all"] = {"images_per_s": 800.0, "data_wait_pct": 0.1}
+    recs = {"throughput": _run_record(depths, {"loader_images_per_s": 12_000.0}),
+            "compile": _run_record({"1": {"images_per_s": 1.0, "compile_s": 20.0},
+                                    "all": {"images_per_s": 1.0, "compile_s": 40.0}}),
+            "timm": {"status": "ok", "figures": {"train_samples_per_sec": 1000.0}},
+            "seed000": _run_record({}, {"wall_s": 90.0}, seconds=130.0)}
+    figures = compute_figures(recs)
+    assert figures["all_images_per_s"] == 800.0 and figures["unfreeze1_images_per_s"] == 2000.0
+    assert figures["loader_speedup"] == 6.0 and figures["data_wait_pct"] == 1.5
+    assert figures["timm_ratio"] == 0.8
+    assert figures["study_gpu_minutes"] == 1.5  # bench.run's whole-run wall time, not the subprocess's
+    assert "`run.wall_s`" in " ".join(target_lines(recs, figures))
+    # 6 depths x 15 epochs x (40,000 / img/s + 10,000 / unfreeze 1's img/s), against 6 x the mean compile_s
+    study_s = 15 * (40_000 / 2000 + 10_000 / 2000) + 5 * 15 * (40_000 / 1000 + 10_000 / 2000)
+    assert figures["compile_overhead_pct"] == pytest.approx(100 * 6 * 30.0 / study_s, rel=1e-3)
+    assert figures["dali_loader_speedup"] is None and figures["dali_data_wait_pct"] is None
+    # without bench.run's whole-run figures, the subprocess's wall time; a study that failed has none
+    assert compute_figures({"seed000": _run_record({}, {}, seconds=120.0)})["study_gpu_minutes"] == 2.0
+    assert compute_figures({"seed000": _run_record({}, {}, status="timeout")})["study_gpu_minutes"] is None
+
+
+FAKE_TIMM = '''
+import argparse, json
+p = argparse.ArgumentParser()
+for flag in ("--model", "--bench", "--amp-dtype", "--device", "--opt", "--results-file", "--results-format"):
+    p.add_argument(flag)
+for flag in ("--batch-size", "--img-size", "--num-classes", "--num-warm-iter", "--num-bench-iter"):
+    p.add_argument(flag, type=int)
+for flag in ("--amp", "--channels-last", "--no-retry"):
+    p.add_argument(flag, action="store_true")
+a = p.parse_args()
+assert a.bench == "train" and a.amp and a.amp_dtype == "bfloat16" and a.channels_last and a.no_retry
+assert a.num_bench_iter >= 5  # timm logs every num_bench_iter // 5 iterations
+result = {"model": a.model, "train_samples_per_sec": 123.4, "train_step_time": 64.8,
+          "train_batch_size": a.batch_size, "train_img_size": a.img_size, "param_count": 11.18}
+if WRITE_FILE:
+    json.dump(result, open(a.results_file, "w"))
+print("--result")
+print(json.dumps(result, indent=4))
+'''
+
+
+@pytest.mark.parametrize("write_file", [True, False], ids=["results-file", "stdout"])
+def test_timm_step_runs_the_peer_script_with_its_flags_and_reads_its_result(tmp_path, write_file):
+    checkout = tmp_path / "pytorch-image-models"
+    (checkout / "timm").mkdir(parents=True)
+    (checkout / "timm" / "__init__.py").write_text("")  # the checkout's own timm is what the script imports
+    script = checkout / "benchmark.py"
+    script.write_text(FAKE_TIMM.replace("WRITE_FILE", str(write_file)))
+    out = tmp_path / "s"
+    assert run_main(["--rehearse", "--steps", "timm", "--timm-benchmark", str(script), "--out", str(out)]) == 0
+    timm = records(out)["timm"]
+    assert timm["status"] == "ok", timm
+    assert timm["figures"]["train_samples_per_sec"] == 123.4
+    assert timm["figures"]["train_batch_size"] == REHEARSAL["batch_size"]
+    assert json.loads((out / "suite.json").read_text())["figures"]["timm_images_per_s"] == 123.4
+    assert records(out)["throughput"]["reason"] == "not in --steps"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "throughput,nope"], "--steps: unknown step nope"),
+    (["--steps", ","], "--steps: unknown step (none given)"),
+    (["--budget", "0"], "--budget: expected a positive number"),
+    (["--budget", "soon"], "--budget: expected a number"),
+    (["--budget", "nan"], "--budget: expected a positive number"),
+    (["--timm-benchmark", "/nonexistent/benchmark.py"], "no such file"),
+])
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "s"
+    assert run_main(["--rehearse", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_out_folder_that_is_not_empty_or_not_writable_is_refused(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("earlier results")
+    assert run_main(["--rehearse", "--out", str(taken)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"] and not (tmp_path / "taken.tar.gz").exists()
+    under_a_file = tmp_path / "taken" / "keep.txt" / "suite"
+    assert run_main(["--rehearse", "--out", str(under_a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a writable folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_default_folder_is_per_device_and_date_and_never_reuses_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = cli.default_out(rehearse=True)
+    assert first.parts[:2] == ("results", "cpu-rehearsal") and len(first.name) == len("2026-01-31")
+    first.mkdir(parents=True)
+    (first / "suite.json").write_text("{}")
+    assert cli.default_out(rehearse=True) == first.with_name(first.name + "-2")
+
+
+def test_commands_match_the_brief_on_the_gpu():
+    """The GPU commands, built without running them: what each step will ask of bench.run."""
+    args = cli.get_args_parser().parse_args(["--timm-benchmark", __file__])
+    s = Suite(args, Path("/tmp/out"), "gpu", GPU)
+    steps = {step.name: step for step in STEPS}
+    throughput = steps["throughput"].command(s, Path("/tmp/out/runs/throughput"))
+    assert throughput[1:3] == ["-m", "bench.run"]
+    text = " ".join(throughput)
+    for part in ("--profile default", "--dataset synthetic", "--weights none", "--loader torch", "--precision bf16",
+                 "--channels-last", "--no-final-best", "--no-evaluate-best", "--no-trace", "--device cuda",
+                 "--model resnet50", "--image-size 224", "--batch-size 256", "--steps 50", "--warmup-steps 10",
+                 "--unfreeze 1,3,6,12,15,25,all"):
+        assert part in text, part
+    assert GPU["train_size"] >= (GPU["steps"] + GPU["warmup_steps"]) * GPU["batch_size"]
+    compiled = " ".join(steps["compile"].command(s, Path("/tmp/c")))
+    assert "--compile" in compiled and "--unfreeze 1,all" in compiled
+    assert "--precision fp16" in " ".join(steps["fp16"].command(s, Path("/tmp/f")))
+    assert "--no-channels-last" in " ".join(steps["nchw"].command(s, Path("/tmp/n")))
+    traced = steps["trace"].command(s, Path("/tmp/t"))
+    assert "--trace" in traced and "--no-trace" not in traced
+    study = " ".join(steps["seed000"].command(s, Path("/tmp/st")))
+    assert "--profile seed000-layerwise" in study and "--train-size 40000 --val-size 10000" in study
+    assert "--smoke" not in study
+    assert "-k cuda" in " ".join(steps["microbench"].command(s, Path("/tmp/m")))
+    timm = steps["timm"].command(s, Path("/tmp/timm"))
+    assert timm[1] == __file__ and "--amp-dtype bfloat16" in " ".join(timm)
+
+
+def test_a_row_shows_the_device_memory_beside_torchs_and_the_ceiling_in_its_dtype():
+    gib = 2**30
+    recs = {"throughput": _run_record({"all": {"images_per_s": 900.0, "mfu": 0.4, "peak_mem_bytes": 30 * gib,
+                                               "device_peak_mem_bytes": 34 * gib}},
+                                      {"ceiling_tflops": 400.0, "precision": "fp32", "ceiling_dtype": "tf32"}),
+            "dali": _run_record({"1": {"images_per_s": 5000.0, "peak_mem_bytes": 8 * gib,
+                                       "device_peak_mem_bytes": 12 * gib}}),
+            "seed000": _run_record({"1": {"images_per_s": 700.0, "tail_images_per_s": 9000.0,
+                                          "peak_mem_bytes": gib, "device_peak_mem_bytes": None}}),
+            "compile": _run_record({"1": {"images_per_s": 1.0, "compile_s": 20.0, "compile_graphs": 2}})}
+    lines = {line.split(" | ")[0]: line for line in info_lines(recs)}
+    assert "peak 30.00 GiB (torch), 34.00 GiB (device)" in lines["| throughput: unfreeze-all"]
+    assert "400 TFLOP/s tf32, MFU 40.0 %" in lines["| throughput: unfreeze-all"]
+    assert "peak 8.00 GiB (torch), 12.00 GiB (device)" in lines["| dali: unfreeze-1"]
+    seed = lines["| seed000: unfreeze-1"]
+    assert "(device)" not in seed and "tail 9,000 img/s" in seed and "| 700 img/s |" in seed
+    assert "compile 20.00 s, 2 graphs" in lines["| compile: unfreeze-1"]
+    failed = run_row_line(recs, "throughput", "unfreeze-3", {"status": "oom", "error": "CUDA out of memory | x"})
+    assert failed == "| throughput: unfreeze-3 | oom | – | – | – | CUDA out of memory / x |"
+
+
+def _loaders_json(run_dir: Path, rows: list[dict]) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "loaders.json").write_text(json.dumps({"device": "cpu", "batch_size": 8, "rows": rows}))
+
+
+def test_the_loaders_step_reads_its_json_and_a_loader_it_could_not_build_says_why(tmp_path):
+    run_dir, log = tmp_path / "runs" / "loaders", tmp_path / "loaders.log"
+    log.write_text("│ torch │ 117,869 │ 0.14 │ 13 │ 1.00x │\n")  # a printed table alone is not read
+    with pytest.raises(ParseError):
+        parse_loaders(tmp_path, run_dir, log)
+    _loaders_json(run_dir, [
+        {"loader": "dali", "loader_images_per_s": None, "loader_batch_ms_median": None, "loader_batches": 0,
+         "error": "--loader dali: NVIDIA DALI cannot be imported"},
+        {"loader": "torch", "loader_images_per_s": 1000.0, "loader_batch_ms_median": 8.0, "loader_batches": 50}])
+    figures = parse_loaders(tmp_path, run_dir, log)
+    assert figures["json"] == "runs/loaders/loaders.json"
+    assert figures["loaders"]["torch"] == {"images_per_s": 1000.0, "batch_ms_median": 8.0, "batches": 50}
+    assert figures["loaders"]["dali"]["error"] == "not measured: --loader dali: NVIDIA DALI cannot be imported"
+    lines = info_lines({"loaders": {"status": "ok", "figures": figures}})
+    assert "| loaders: dali alone | – | – | – | – | not measured: --loader dali: NVIDIA DALI cannot be imported |" in lines
+    assert "| loaders: torch alone | 1,000 img/s | – | – | – | batch 8.00 ms |" in lines
+
+
+def test_without_dali_the_loaders_step_runs_and_only_the_dali_step_is_skipped(tmp_path, monkeypatch):
+    (tmp_path / "hide").mkdir()  # every step's interpreter (and its import check) then fails `import nvidia.dali`
+    (tmp_path / "hide" / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "hide"),
+                                                                   os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "s"
+    assert run_main(["--rehearse", "--steps", "loaders,dali", "--out", str(out)]) == 0
+    loaders, dali = records(out)["loaders"], records(out)["dali"]
+    assert loaders["status"] == "ok", loaders
+    assert "--json" in loaders["command"] and "--loaders" in loaders["command"]
+    assert loaders["figures"]["loaders"]["torch"]["images_per_s"] > 0
+    assert "nvidia.dali" in loaders["figures"]["loaders"]["dali"]["error"]
+    assert loaders["figures"]["loaders"]["dali"]["error"].startswith("not measured: ")
+    assert dali["status"] == "skipped" and "import nvidia.dali" in dali["reason"]
+    assert "| loaders: dali alone | – |" in (out / "SUMMARY.md").read_text()
+
+
+@pytest.mark.parametrize("size", [GPU, REHEARSAL], ids=["gpu", "rehearsal"])
+def test_the_trace_step_times_steps_outside_the_profilers_window(size):
+    """bench.run warns, and times only the profiler, when its window covers every timed step."""
+    args = cli.get_args_parser().parse_args(["--rehearse"] if size is REHEARSAL else [])
+    s = Suite(args, Path("/tmp/out"), "rehearsal" if size is REHEARSAL else "gpu", size)
+    argv = next(step for step in STEPS if step.name == "trace").command(s, Path("/tmp/t"))
+    value = {flag: int(argv[argv.index(flag) + 1]) for flag in ("--steps", "--warmup-steps", "--trace-steps")}
+    assert value["--steps"] > value["--warmup-steps"] + 1 + value["--trace-steps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        window = plan_window(value["--warmup-steps"] + value["--steps"], value["--warmup-steps"], value["--trace-steps"])
+    assert window is not None and window.active == value["--trace-steps"]
