@@ -119,8 +119,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so the same path records the running variant and exits."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class StopSignal:
+    """Ctrl-C and SIGTERM: raised where the signal lands, and again at the next training step when it
+    landed where an exception is swallowed. A finalizer run by the garbage collector (DALI's pipelines
+    have slow ones) is such a place: CPython prints "Exception ignored" and the sweep would go on."""
+
+    def __init__(self):
+        self.signum = None
+
+    def handler(self, signum, frame):
+        self.signum = signum
+        self.raise_if_received()
+
+    def raise_if_received(self) -> None:
+        if self.signum is not None:
+            raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
@@ -332,12 +345,17 @@ def main(argv: list[str] | None = None) -> int:
                                                checkpoint_settings)
     row_sink = parallel.DataParallelRows(dist, on_row) if data_parallel else on_row
     hours = "GPU-h" if device.type == "cuda" else "device-h"
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    stop = StopSignal()
+    previous = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_progress(**progress) -> None:  # every training step
+        stop.raise_if_received()
+        live.update(**progress)
     try:
         with LiveProgress(console, len(todo)) as live:
             def sweep(todo_variants, todo_plans, sink, trained_hook):
                 return run_sweep(cfg, todo_variants, todo_plans, (train, evaluation), data.num_classes, pretrained,
-                                 device, on_row=sink, on_progress=live.update, withhold=withhold,
+                                 device, on_row=sink, on_progress=on_progress, withhold=withhold,
                                  on_trained=trained_hook)
             if spread:  # --parallel variants: each rank trains whole variants from a shared queue
                 parallel.run_variant_queue(dist, todo, lambda v, p, publish: sweep([v], [p], publish,
@@ -355,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 splits = select_splits(data, cfg.eval_split, final=True)
                 _, final_withhold = leakage_guard(*splits, cfg.allow_overlap, console)
                 run_sweep(cfg, [final], plan_variants(cfg, [final], data.num_classes), splits, data.num_classes,
-                          pretrained, device, on_row=row_sink, on_progress=live.update, withhold=final_withhold,
+                          pretrained, device, on_row=row_sink, on_progress=on_progress, withhold=final_withhold,
                           on_trained=on_trained if not spread else checkpoints.on_trained)
     except KeyboardInterrupt as e:
         finished = sum(r["status"] in FINISHED for r in rows)
@@ -380,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     # The process group ends here on a normal finish (after a failure, the exit tears it down).
     distributed.destroy()
     if not dist.is_main:

@@ -20,7 +20,7 @@ from bench.run import main
 from bench.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--profile", "smoke", "--device", "cpu", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
+TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
         "--epochs", "1"]
 
 
@@ -140,6 +140,32 @@ def test_resume_reads_a_schema_2_run_and_adds_its_wall_time(tmp_path):
     assert run["resumed_rows"] == 1 and run["earlier_wall_s"] == 1000.0 and run["wall_s"] > 1000.0
 
 
+class _SignalInFinalizer:
+    """Sends SIGINT to this process from inside a finalizer, where CPython swallows the exception it
+    raises ("Exception ignored in ..."), as it does when a Ctrl-C lands in a DALI pipeline's __del__."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # bytecode after the signal: its handler runs (and raises) in here
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
+    real, calls = Trainer.step, []
+
+    def step(self, images, labels):
+        calls.append(1)
+        if len(calls) == 6:  # the second variant's second step
+            _SignalInFinalizer()
+        return real(self, images, labels)
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3,6", "--out", str(out)]) == 130
+    assert [r["status"] for r in results(out)["depths"]] == ["ok", "interrupted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put Python's back
+
+
 def _start(args, out):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bench.run", *args, "--out", str(out)], cwd=ROOT, env=env,
@@ -171,8 +197,8 @@ def test_signal_mid_sweep_then_resume_finishes_only_the_rest(tmp_path, sig, code
     proc = _start(SLOW_SWEEP, out)
     _wait_for_rows(out, 1, proc)
     proc.send_signal(sig)
-    proc.communicate(timeout=60)
-    assert proc.returncode == code
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
     saved = results(out)  # valid JSON whatever the moment
     finished = [r for r in saved["depths"] if r["status"] == "ok"]
     assert finished and finished[0]["variant"] == "unfreeze-1"
