@@ -346,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     row_sink = parallel.DataParallelRows(dist, on_row) if data_parallel else on_row
     hours = "GPU-h" if device.type == "cuda" else "device-h"
     stop = StopSignal()
-    previous = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in previous.items():
+        if handler != signal.SIG_IGN:  # started ignoring it (`cmd &` in a script, nohup): keep ignoring it
+            signal.signal(s, stop.handler)
 
     def on_progress(**progress) -> None:  # every training step
         stop.raise_if_received()
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler)  # (SIG_IGN stays SIG_IGN)
     # The process group ends here on a normal finish (after a failure, the exit tears it down).
     distributed.destroy()
     if not dist.is_main:

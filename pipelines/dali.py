@@ -36,6 +36,8 @@ class EpochSource:
         self.images, self.labels = images, labels
         on_gpu = isinstance(images, torch.Tensor) and images.is_cuda
         self.stream = torch.cuda.Stream(device=images.device) if on_gpu else None
+        if on_gpu:  # the split's upload was queued on the current stream: gathers must come after it
+            self.stream.wait_stream(torch.cuda.current_stream(images.device))
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.rank, self.world_size, self.total = rank, world_size, len(labels)
         self.n = shard_size(self.total, rank, world_size, even=drop_last)

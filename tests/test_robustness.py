@@ -161,15 +161,26 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypat
         return real(self, images, labels)
     monkeypatch.setattr(Trainer, "step", step)
     out = tmp_path / "run"
-    assert main([*TINY, "--unfreeze", "1,3,6", "--out", str(out)]) == 130
+    # Ctrl-C as an interactive Python gets it (a runner started in the background may ignore SIGINT)
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main([*TINY, "--unfreeze", "1,3,6", "--out", str(out)]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put Python's back
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
     assert [r["status"] for r in results(out)["depths"]] == ["ok", "interrupted"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put Python's back
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it, even when pytest was started ignoring it (a
+    command run with `&` from a script ignores SIGINT, and Python keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _start(args, out):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bench.run", *args, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for_rows(out: Path, n: int, proc, timeout=180.0):
