@@ -105,14 +105,14 @@ def matmul_ceiling_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int | 
         a = torch.randn(n, n, device=device, dtype=dtype)  # random data: zeros would draw less power (and clock higher)
         b = torch.randn(n, n, device=device, dtype=dtype)
         c = torch.empty(n, n, device=device, dtype=dtype)  # preallocated: the allocator stays out of the timing
-        _warm_up(lambda: torch.mm(a, b, out=c), device, warmup_s)
-        times = _timed(lambda: torch.mm(a, b, out=c), device, repeats)
+        warm_up(lambda: torch.mm(a, b, out=c), device, warmup_s)
+        times = time_op(lambda: torch.mm(a, b, out=c), device, repeats)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     return 2.0 * n ** 3 / statistics.median(times) / 1e12
 
 
-def _warm_up(op, device: torch.device, seconds: float, minimum: int = 3) -> None:
+def warm_up(op, device: torch.device, seconds: float, minimum: int = 3) -> None:
     """Run `op` for at least `seconds` of device time (and `minimum` times): cuBLAS heuristics, clocks
     ramping up, the CPU thread pool starting."""
     started, done = time.perf_counter(), 0
@@ -124,7 +124,7 @@ def _warm_up(op, device: torch.device, seconds: float, minimum: int = 3) -> None
             torch.cuda.synchronize(device)  # the host clock must see the device's work, not its queue
 
 
-def _timed(op, device: torch.device, repeats: int) -> list[float]:
+def time_op(op, device: torch.device, repeats: int) -> list[float]:
     """Seconds per `op`, `repeats` times: CUDA events in stream order (no host sync between repeats),
     the wall clock on the CPU, where the op is synchronous."""
     if device.type != "cuda":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bench.files import atomic_write
-from bench.flops import _timed, _warm_up, matmul_ceiling_tflops
+from bench.flops import matmul_ceiling_tflops, time_op, warm_up
 
 
 def nvidia_smi(query: str) -> str | None:
@@ -61,8 +61,8 @@ def copy_gbps(device: torch.device, size: int, warmup_s: float, repeats: int = 2
     counts device to device."""
     src = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    _warm_up(lambda: dst.copy_(src), device, warmup_s)
-    return 2 * size / statistics.median(_timed(lambda: dst.copy_(src), device, repeats)) / 1e9
+    warm_up(lambda: dst.copy_(src), device, warmup_s)
+    return 2 * size / statistics.median(time_op(lambda: dst.copy_(src), device, repeats)) / 1e9
 
 
 def probe(path: Path, small: bool) -> int:
