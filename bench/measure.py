@@ -114,6 +114,9 @@ class DevicePeak:
             self.bytes = used if self.bytes is None else max(self.bytes, used)
 
 
+_IMPORTED = time.perf_counter()
+
+
 def process_wall_s() -> float:
     """Seconds since this process started (interpreter start-up and imports included), from Linux's
     /proc; elsewhere, since this module was imported."""
@@ -125,9 +128,6 @@ def process_wall_s() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
 
 
 def peak_memory(device: torch.device) -> int:

@@ -162,6 +162,7 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
     evaluation. Paths are relative to `out`, so the folder can be moved or zipped whole."""
     env = run.get("env", {})
     hours = "GPU-h" if str(run.get("device_used", "")).startswith("cuda") else "device-h"
+    shown = columns(rows)
     lines = [f"# {run.get('profile')}: {what_ran(run)}",
              "",
              f"{run.get('train_images')} training / {run.get('eval_images')} {run.get('eval_on')} images; "
@@ -169,10 +170,10 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
              f"{env.get('device')} ({run.get('device_used')}); torch {env.get('torch')}, "
              f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}; started {run.get('started_utc')}.",
              "", "## Results", "",
-             "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in columns(rows)) + " |",
-             "|" + "---|" * len(columns(rows))]
+             "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in shown) + " |",
+             "|" + "---|" * len(shown)]
     for row in rows:
-        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in columns(rows)]
+        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in shown]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:

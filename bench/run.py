@@ -151,7 +151,8 @@ def prepare_out(cfg: argparse.Namespace) -> tuple[Path, list[dict]]:
             cfg.batch_size, cfg.batch_size_search = saved_run["batch_size"], saved_run["batch_size_search"]
         dests = setting_names() - NOT_SETTINGS | {"variant_specs"}
         # A setting added since the run was saved (schema 2 had no --compile-backend) had its default then.
-        defaults = {k: get_args_parser().get_default(k) for k in dests - saved_run.keys()}
+        parser = get_args_parser()
+        defaults = {k: parser.get_default(k) for k in dests - saved_run.keys()}
         diff = [f"{k}: saved {saved_run.get(k, defaults.get(k))!r}, now {getattr(cfg, k)!r}"
                 for k in sorted(dests) if saved_run.get(k, defaults.get(k)) != getattr(cfg, k)]
         if diff:

@@ -240,7 +240,7 @@ def summarise(cfg: argparse.Namespace, epochs: list[tuple[EpochStats, EvalStats]
         "eval_images_per_s": round(eval_images / (sum(timed_eval) / 1e3), 2) if timed_eval else None,
         "step_ms_median": round(step_median, 3),
         # The share of the timed steps in which the device had none of our work: waiting for input.
-        "data_wait_pct": round(100.0 * sum(all_idle[i] for i in kept if i < len(all_idle)) / sum(step_ms), 2),
+        "data_wait_pct": round(100.0 * sum(all_idle[i] for i in kept) / sum(step_ms), 2),
         "compile_s": round(compile_s, 3),
         "train_s": round(train_wall, 3),
     }
