@@ -8,16 +8,19 @@ lack of memory, whichever library reports it (torch, cuBLAS, cuDNN, DALI), or at
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 from collections.abc import Callable
 
 import torch
 
+from bench.context import RunContext
+from bench.errors import first_line
+from bench.inputs import make_loader
 from bench.measure import StepTimer, median, synchronize
-from bench.sweep import fresh_compiler_state, make_loader
-from bench.train import Trainer, is_out_of_memory, make_optimizer, make_scheduler
-from models import apply_unfreeze, build_model, set_train_mode, split_frozen
+from bench.settings import Settings
+from bench.train import is_out_of_memory
+from bench.variant import build_network, fresh_compiler_state, make_trainer
+from models import set_train_mode
 from pipelines import Split
 
 START = 16
@@ -38,7 +41,7 @@ def search(images_per_s: Callable[[int], float], *, start: int = START, limit: i
             if not is_out_of_memory(e):
                 raise
             trials.append({"batch_size": batch, "images_per_s": None, "oom": True,
-                           "error": (str(e).strip().splitlines() or [type(e).__name__])[0][:200]})
+                           "error": first_line(e, 200)})
             break
         if batch == limit:
             break
@@ -49,29 +52,21 @@ def search(images_per_s: Callable[[int], float], *, start: int = START, limit: i
     return max(fits, key=lambda t: t["images_per_s"])["batch_size"], trials
 
 
-def trial_step(cfg: argparse.Namespace, train: Split, num_classes: int, pretrained,
-               device: torch.device) -> Callable[[int], float]:
-    """images/s of `cfg`'s training step at a given batch, on a fresh model each time, fed by the run's
-    loader (with --feature-cache: from images, through the frozen prefix, the larger of the two)."""
+def trial_step(s: Settings, ctx: RunContext, train: Split, num_classes: int, pretrained) -> Callable[[int], float]:
+    """images/s of the training step of `s` at a given batch, on a fresh model each time, built and fed
+    as the variant will be (with --feature-cache: from images, through the frozen prefix, the larger
+    of the two)."""
     def measure(batch: int) -> float:
-        c = argparse.Namespace(**{**vars(cfg), "batch_size": batch})
-        if c.compile:
+        c = s.replace(batch_size=batch)
+        if c.speed.compile:
             fresh_compiler_state()  # each batch compiles as the variant will: from a clean state
-        model = build_model(c.model, num_classes, pretrained[c.model, c.weights], c.head)
-        plan = apply_unfreeze(model, c.unfreeze, c.unit, c.model)
-        model = model.to(device, memory_format=torch.channels_last if c.channels_last else torch.contiguous_format)
-        net = (split_frozen(model) if c.split_trunk and c.frozen_bn == "eval" else None) or model
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(c.optimizer, params, lr=c.lr, weight_decay=c.weight_decay,
-                                   momentum=c.momentum, device=device)
-        trainer = Trainer(net, device=device, precision=c.precision, compile=c.compile, compile_mode=c.compile_mode,
-                          compile_backend=c.compile_backend, optimizer=optimizer,
-                          scheduler=make_scheduler("none", optimizer, total_steps=1, steps_per_epoch=1,
-                                                   step_size=1, gamma=1.0))
-        loader = make_loader(c, train, device, train=True)
-        set_train_mode(model, plan, c.frozen_bn)  # as training runs it: frozen BatchNorm in eval
+        network = build_network(c, num_classes, pretrained, ctx.device)
+        trainer = make_trainer(c, ctx, network, network.trained, total_steps=TRIAL_WARMUP + TRIAL_STEPS,
+                               steps_per_epoch=TRIAL_WARMUP + TRIAL_STEPS)
+        loader = make_loader(c, train, ctx.device, train=True)
+        set_train_mode(network.model, network.plan, c.model.frozen_bn)
         try:
-            timer = StepTimer(device)
+            timer = StepTimer(ctx.device)
             # The epoch repeats when the split holds fewer batches than the trial's steps.
             batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)),
                                        TRIAL_WARMUP + TRIAL_STEPS)
@@ -80,10 +75,10 @@ def trial_step(cfg: argparse.Namespace, train: Split, num_classes: int, pretrain
                     timer.mark()
                 trainer.step(x, y)
             timer.mark()
-            synchronize(device)
+            synchronize(ctx.device)
             return batch / (median(timer.intervals_ms()) / 1e3)
         finally:
-            del model, net, trainer, optimizer, loader
-            if device.type == "cuda":
+            del network, trainer, loader
+            if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
     return measure

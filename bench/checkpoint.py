@@ -15,13 +15,13 @@ CPU tensors, so `torch.load(..., weights_only=True)` reads it without unpickling
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.errors import CheckpointError, first_line
 from bench.files import atomic_write
 from models import ModelError, build_model
 
@@ -29,10 +29,6 @@ FORMAT = "finetune-bench-checkpoint"
 VERSION = 1
 # The fields of a result row a checkpoint keeps: which variant it is and how well it scored.
 ROW_FIELDS = ("variant", "kind", "unfreeze", "unit", "top1", "top5", "epochs", "steps")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit what it is used for; the message is one line."""
 
 
 def _jsonable(value) -> bool:
@@ -68,17 +64,6 @@ def save_checkpoint(path: Path, model: nn.Module, *, settings: dict, row: dict, 
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    """The informative line of an exception message: torch.load's weights-only refusal is a page long,
-    its reason is on the line after `WeightsUnpickler error:`."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch puts ANSI bold in some messages
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split(". ")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def load_checkpoint(path) -> dict:
     """The checkpoint dict, checked to be ours and of a version this code reads."""
     path = Path(path)
@@ -90,7 +75,7 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types (truncated zip, pickle junk, unsafe objects)
         raise CheckpointError(f"checkpoint {path}: unreadable (not a torch file, truncated, or holding objects "
-                              f"that safe loading refuses: {type(e).__name__}: {_first_line(e)})") from None
+                              f"that safe loading refuses: {type(e).__name__}: {first_line(e, 160)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a bare state dict" if isinstance(ckpt, dict) and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
@@ -144,5 +129,5 @@ def build_from_checkpoint(ckpt: dict, num_classes: int | None = None) -> nn.Modu
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a dtype that cannot be copied; keys and shapes were checked above
-        raise CheckpointError(f"checkpoint weights do not load into {name}: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint weights do not load into {name}: {first_line(e, 160)}") from None
     return model.eval()

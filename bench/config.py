@@ -1,69 +1,28 @@
-"""Command-line flags and presets. Flags are declared once, grouped, with defaults in their help;
-`get_args_parser()` builds the parser so tests and other tools reuse it.
+"""Command-line flags and presets, parsed into `bench.settings.Settings`. Flags are declared once,
+grouped, with defaults in their help.
 
 Precedence: built-in defaults < the profile's values (`profiles/NAME.toml`) < flags on the command line.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
+from bench.args import Parser, batch_size_arg, int_in, non_negative_float, positive_int
 from bench.distributed import LR_SCALES, PARALLEL
+from bench.errors import ConfigError
+from bench.settings import GROUP_OF, Settings
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
-from bench.variants import ConfigError
 from models import HEADS, UNITS
 from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, num_classes
 
 DEFAULT_PROFILE = "default"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line on stderr and exit 2 (argparse's default also prints the whole usage)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def int_in(low: int, high: int):
-    """An argparse type for integers in [low, high]: sizes past `high` would exhaust memory before
-    they could fail more usefully (a 10-million-image synthetic set is 30 GB)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high:,}, got {value:,}")
-        return value
-    return parse
-
-
-def batch_size_arg(text: str) -> int | str:
-    """A batch size, or `auto` (bench.batch_size finds the fastest that fits)."""
-    return "auto" if text == "auto" else int_in(1, 65536)(text)
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -199,72 +158,104 @@ def load_profile(name: str) -> dict:
     return tomllib.loads(text)
 
 
-def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags over the chosen profile; `cfg.profile_description` carries the profile's text."""
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "finetune-bench")
+
+
+COMMANDS = ("list_profiles", "list_layers", "dry_run")  # flags that answer a question instead of running
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One command line: its settings, what it asks for, and which flags it gave explicitly (a
+    variant that overrides one of those would silently ignore it)."""
+    settings: Settings
+    command: str            # "run" or one of COMMANDS
+    given: frozenset[str]
+    profile_description: str
+
+
+def parse_config(argv: list[str] | None = None) -> Invocation:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else argv
     known, _ = parser.parse_known_args(argv)
     profile = load_profile(known.profile) if not known.list_profiles else {}
     description = profile.pop("description", "")
     variant_specs = profile.pop("variants", None)  # [[variants]] tables: not a flag
-    dests = {a.dest for a in parser._actions}
-    unknown = sorted(set(profile) - dests)
+    unknown = sorted(set(profile) - GROUP_OF.keys())
     if unknown:
         raise ConfigError(f"profile {known.profile!r} sets unknown settings: {', '.join(unknown)}")
     parser.set_defaults(**profile)
-    cfg = parser.parse_args(argv)
-    cfg.profile_description = description
-    cfg.variant_specs = None if cfg.approaches or cfg.epoch_budgets else variant_specs
-    # Which settings the command line gave explicitly: a variant that overrides one would ignore it.
-    cfg.given = sorted(a.dest for a in parser._actions
-                       if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
-    if cfg.final and "eval_split" in cfg.given and cfg.eval_split == "val":
+    args = vars(parser.parse_args(argv))
+    command = next((c for c in COMMANDS if args[c]), "run")
+    given = frozenset(a.dest for a in parser._actions
+                      if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
+    args["variant_specs"] = None if args["approaches"] or args["epoch_budgets"] else variant_specs
+    args["data_dir"] = args["data_dir"] or default_data_dir()
+    settings = Settings.from_flat(args)
+    check_compile(settings, given)
+    if settings.sweep.smoke:
+        settings = shrink(settings)
+    check(settings)
+    return Invocation(settings, command, given, description)
+
+
+def saved_settings(values: dict, **changes) -> Settings:
+    """Settings stored by a run (results.json's `run`, a checkpoint's `settings`) over today's defaults,
+    for the names an older run did not store (schema 2 had no --compile-backend)."""
+    parser = get_args_parser()
+    defaults = {name: parser.get_default(name) for name in GROUP_OF}
+    defaults["data_dir"] = defaults["data_dir"] or default_data_dir()
+    return Settings.from_flat({**defaults, **{k: v for k, v in values.items() if k in GROUP_OF}, **changes})
+
+
+def check_compile(s: Settings, given: frozenset[str]) -> None:
+    """Checked before --smoke, which turns compiling off."""
+    speed = s.speed
+    if s.data.final and "eval_split" in given and s.data.eval_split == "val":
         raise ConfigError("--final scores the test split; drop --eval-split val")
-    if "compile_backend" in cfg.given and not cfg.compile:
-        raise ConfigError(f"--compile-backend {cfg.compile_backend} needs --compile")
-    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ConfigError(f"unknown --compile-backend {cfg.compile_backend!r}; choose from: "
+    if "compile_backend" in given and not speed.compile:
+        raise ConfigError(f"--compile-backend {speed.compile_backend} needs --compile")
+    if speed.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"unknown --compile-backend {speed.compile_backend!r}; choose from: "
                           f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
-    if cfg.compile_mode and cfg.compile_backend != "inductor":
-        raise ConfigError(f"--compile-mode {cfg.compile_mode} is inductor's; drop it or use --compile-backend inductor")
-    if cfg.smoke:
-        shrink(cfg)
-    # Flags that contradict each other: say which, rather than silently ignore one.
-    if cfg.compile_mode and not cfg.compile:
-        raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
-    if cfg.oom_scale_lr and cfg.oom != "retry":
+    if speed.compile_mode and speed.compile_backend != "inductor":
+        raise ConfigError(f"--compile-mode {speed.compile_mode} is inductor's; drop it or use --compile-backend inductor")
+
+
+def check(s: Settings) -> None:
+    """Flags that contradict each other: say which, rather than silently ignore one."""
+    train, speed = s.train, s.speed
+    if speed.compile_mode and not speed.compile:
+        raise ConfigError(f"--compile-mode {speed.compile_mode} needs --compile")
+    if train.oom_scale_lr and train.oom != "retry":
         raise ConfigError("--oom-scale-lr needs --oom retry")
-    if cfg.feature_cache and cfg.augment != "none":
-        raise ConfigError(f"--feature-cache needs --augment none (--augment {cfg.augment} changes the frozen "
+    if speed.feature_cache and s.data.augment != "none":
+        raise ConfigError(f"--feature-cache needs --augment none (--augment {s.data.augment} changes the frozen "
                           "layers' input every epoch); add --no-feature-cache")
-    if cfg.feature_cache and (cfg.frozen_bn != "eval" or not cfg.split_trunk):
+    if speed.feature_cache and not s.splits_trunk:
         raise ConfigError("--feature-cache needs the frozen prefix split off (--split-trunk and --frozen-bn eval); "
                           "add --no-feature-cache")
-    if cfg.steps and cfg.max_steps:
+    if train.steps and train.max_steps:
         raise ConfigError("--steps (throughput mode) and --max-steps contradict each other; give one")
-    evaluated = [f for f, on in (("--final-best", cfg.final_best), ("--early-stop", cfg.early_stop),
-                                 ("--train-acc", cfg.train_acc)) if on]
-    if cfg.steps and evaluated:
+    evaluated = [f for f, on in (("--final-best", s.sweep.final_best), ("--early-stop", train.early_stop),
+                                 ("--train-acc", train.train_acc)) if on]
+    if train.steps and evaluated:
         off = {"--final-best": "--no-final-best", "--early-stop": "--early-stop 0", "--train-acc": "--no-train-acc"}
         raise ConfigError(f"--steps is throughput mode and evaluates nothing, so {evaluated[0]} cannot be honoured; "
                           f"add {off[evaluated[0]]}, or use --max-steps to cap an evaluated run")
-    return cfg
 
 
-def setting_names() -> set[str]:
-    """Every flag's destination: what a profile or a variant may set."""
-    return {a.dest for a in get_args_parser()._actions} - {"help"}
-
-
-def shrink(cfg: argparse.Namespace) -> None:
+def shrink(s: Settings) -> Settings:
     """--smoke: the same study in miniature, so every preset runs end to end on a CPU in tests."""
-    classes = num_classes(cfg.dataset, cfg.num_classes)
-    cfg.dataset, cfg.num_classes, cfg.weights = "synthetic", classes, "none"
-    cfg.train_size, cfg.val_size, cfg.image_size = max(256, 2 * classes), max(128, classes), 32
-    cfg.max_steps, cfg.batch_size, cfg.eval_batch_size = cfg.max_steps or 4, \
-        cfg.batch_size if cfg.batch_size == "auto" else min(cfg.batch_size, 32), None
-    cfg.workers, cfg.compile, cfg.compile_mode, cfg.warmup_steps = 1, False, None, 1
-    # variants may set their own sizes or weights: the miniature overrides those too
+    classes = num_classes(s.data.dataset, s.data.num_classes)
+    batch = s.train.batch_size
     smoke = {"weights": "none", "image_size": 32}
-    cfg.variant_specs = [{**spec, **{k: v for k, v in smoke.items() if k in spec}}
-                         for spec in cfg.variant_specs] if cfg.variant_specs else None
+    # variants may set their own sizes or weights: the miniature overrides those too
+    specs = ([{**spec, **{k: v for k, v in smoke.items() if k in spec}} for spec in s.sweep.variant_specs]
+             if s.sweep.variant_specs else None)
+    return s.replace(dataset="synthetic", num_classes=classes, train_size=max(256, 2 * classes),
+                     val_size=max(128, classes), max_steps=s.train.max_steps or 4,
+                     batch_size=batch if batch == "auto" else min(batch, 32), eval_batch_size=None, workers=1,
+                     compile=False, compile_mode=None, warmup_steps=1, variant_specs=specs, **smoke)

@@ -3,13 +3,12 @@ the harness needs, and the DDP wrapper. Without torchrun (WORLD_SIZE unset or 1)
 is a no-op on one process, so the single-device path pays nothing.
 
 This is the only module that reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR/PORT; STYLE.md point 7: one helper, not one per file). We never launch
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT). We never launch
 processes ourselves: users run the same command under `torchrun`, whose elastic agent also stops
 every rank when one exits with an error.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.variants import ConfigError
+from bench.errors import ConfigError
 
 PARALLEL = ("data", "variants")
 LR_SCALES = ("none", "linear", "sqrt")
@@ -163,39 +162,12 @@ def record_failure(error: BaseException) -> None:
         ErrorHandler().record_exception(error)
 
 
-# ----------------------------------------------------------------------------------------------------
-# what a configuration means on this rank
-# ----------------------------------------------------------------------------------------------------
-
-def data_shard(cfg: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size) of the data-parallel group that trains one variant: torchrun's rank and world
-    with `--parallel data`, (0, 1) otherwise. Configurations built outside `bench.run` (tests,
-    `bench.loaders`, `bench.evaluate`) carry no rank and mean one process."""
-    world = getattr(cfg, "world_size", 1) or 1
-    if world == 1 or getattr(cfg, "parallel", "data") != "data":
-        return 0, 1
-    return cfg.rank, world
-
-
-def data_parallel(cfg: argparse.Namespace) -> bool:
-    """True when this variant trains on several ranks at once (DDP)."""
-    return data_shard(cfg)[1] > 1
-
-
-def worker_name(cfg: argparse.Namespace) -> str:
-    """This rank's name in profiler traces: `rank<global rank>` (TensorBoard shows one worker per rank)."""
-    return f"rank{getattr(cfg, 'rank', 0)}"
-
-
-def lr_for_world(cfg: argparse.Namespace) -> argparse.Namespace:
+def scaled_lr(lr: float, scale: str, world_size: int) -> float:
     """`--lr-scale-world`: the learning rate for the global batch (per-rank batch x world size), scaled
-    linearly (Goyal et al., 2017) or by the square root; `cfg` itself when there is nothing to scale."""
-    world = data_shard(cfg)[1]
-    scale = getattr(cfg, "lr_scale_world", "none")
-    if world == 1 or scale == "none":
-        return cfg
-    factor = world if scale == "linear" else math.sqrt(world)
-    return argparse.Namespace(**{**vars(cfg), "lr": cfg.lr * factor})
+    linearly (Goyal et al., 2017) or by the square root."""
+    if world_size == 1 or scale == "none":
+        return lr
+    return lr * (world_size if scale == "linear" else math.sqrt(world_size))
 
 
 # ----------------------------------------------------------------------------------------------------

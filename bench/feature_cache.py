@@ -23,7 +23,7 @@ import torch
 from bench.measure import proc_bytes
 from bench.train import autocast
 from models.split import SplitModel
-from pipelines.torch_loader import epoch_seed
+from pipelines.contract import batch_count, epoch_seed
 
 # Share of the device's free memory the cache may take: the rest is for training the tail
 # (activations, gradients, optimizer state) and the allocator's fragmentation.
@@ -75,10 +75,6 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    @property
-    def nbytes(self) -> int:
-        return self.features.nbytes + self.labels.nbytes
-
     def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 drop_last: bool = False, dtype: torch.dtype | None = None) -> CachedBatches:
         """An iterable of (features, labels) batches on the device, with the loaders' contract: `len()`
@@ -101,7 +97,7 @@ class CachedBatches:
 
     def __len__(self) -> int:
         n = len(self.cache)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batch_count(n, self.batch_size, drop_last=self.drop_last)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The image indices of `epoch`, in batch order, on the device where the features live."""

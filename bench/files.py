@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from bench.variants import ConfigError
+from bench.errors import ConfigError
 
 
 def _umask() -> int:

@@ -13,53 +13,28 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.config import parse_config
+from bench.errors import USER_ERRORS, first_line
 from bench.files import atomic_write, ensure_writable
-from bench.measure import StepTimer, environment, median, synchronize
+from bench.inputs import load_splits, make_loader, resolve_device
+from bench.measure import environment, measure_loader
+from bench.settings import Settings
 from pipelines import LOADERS, DataError, Split
 
 
-def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmup: int = 3) -> dict:
-    """Steady-state images/s of iterating `loader` (first `warmup` batches left out). Each batch is
-    reduced on the device so that lazy work really happens before the clock stops."""
-    timer = StepTimer(device)
-    sink = torch.zeros((), device=device)
-    images, counted = 0, 0
-    synchronize(device)
-    for i, (x, y) in enumerate(loader):
-        if i >= warmup + max_batches:
-            break
-        timer.mark()
-        sink += x[:, :, 0, 0].float().sum() + y.sum()  # touches every batch without a host sync
-        if i >= warmup:
-            images, counted = images + y.shape[0], counted + 1
-    timer.mark()
-    synchronize(device)
-    # Interval k runs from the mark after batch k to the mark after batch k + 1: the fetch of batch
-    # k + 1. Batches warmup .. warmup + counted - 1 were counted, so their fetches are intervals
-    # warmup - 1 .. warmup + counted - 2 (the interval after the last batch fetched nothing counted).
-    intervals = timer.intervals_ms()[warmup - 1:warmup - 1 + counted]
-    if not intervals:
-        return {"loader_images_per_s": None, "loader_batch_ms_median": None, "loader_batches": 0}
-    # The median batch, not the mean: the first batches of a process pay one-off costs (thread pools,
-    # kernel selection) that would otherwise dominate a short measurement.
-    return {"loader_images_per_s": round(images / counted / (median(intervals) / 1e3), 1),
-            "loader_batch_ms_median": round(median(intervals), 3), "loader_batches": counted}
-
-
-def benchmark(cfg: argparse.Namespace, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
-    """One row per loader; a loader that cannot be built or fails here (DALI not installed) gets its
-    reason as `error` and the others are still measured."""
-    from bench.sweep import make_loader  # the sweep's own construction, so the settings are the run's
+def benchmark(s: Settings, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
+    """One row per loader, built as the run builds it; a loader that cannot be built or fails here
+    (DALI not installed) gets its reason as `error` and the others are still measured."""
     rows = []
     for name in loaders:
         try:
-            loader = make_loader(argparse.Namespace(**{**vars(cfg), "loader": name}), train, device, train=True)
+            loader = make_loader(s.replace(loader=name), train, device, train=True)
             rows.append({"loader": name, **measure_loader(loader, device)})
             del loader
         except Exception as e:  # recorded in its row; the next loader is measured all the same
-            message = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            message = first_line(e) if isinstance(e, DataError) else f"{type(e).__name__}: {first_line(e)}"
             rows.append({"loader": name, "loader_images_per_s": None, "loader_batch_ms_median": None,
-                         "loader_batches": 0, "error": (message.strip().splitlines() or [type(e).__name__])[0]})
+                         "loader_batches": 0, "error": message})
     return rows
 
 
@@ -72,8 +47,6 @@ def split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.config import parse_config
-    from bench.run import USER_ERRORS, load_splits, resolve_device  # bench.run imports this module
     console = Console() if sys.stdout.isatty() else Console(width=150)
     try:
         own, rest = split_own_flags(sys.argv[1:] if argv is None else argv)
@@ -81,18 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(names) - set(LOADERS))
         if unknown or not names:
             raise DataError(f"--loaders {own.loaders!r}: choose from {', '.join(LOADERS)}")
-        cfg = parse_config(rest)
-        device = resolve_device(cfg.device)
-        _, train, _ = load_splits(cfg)
+        s = parse_config(rest).settings
+        device = resolve_device(s.speed.device)
+        _, train, _ = load_splits(s)
         if own.json:
             ensure_writable(Path(own.json).parent, "--json")
     except USER_ERRORS as e:
         print(f"bench.loaders: error: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    rows = benchmark(cfg, train, device, names)
-    table = Table(title=f"loaders alone: {cfg.dataset} train split, batch {cfg.batch_size}, {cfg.image_size}px, "
-                        f"augment {cfg.augment}, {device.type}")
+    rows = benchmark(s, train, device, names)
+    table = Table(title=f"loaders alone: {s.data.dataset} train split, batch {s.train.batch_size}, "
+                        f"{s.data.image_size}px, augment {s.data.augment}, {device.type}")
     for col in ("loader", "images/s", "batch ms (median)", "batches timed", "vs fastest"):
         table.add_column(col, justify="left" if col == "loader" else "right")
     best = max((r["loader_images_per_s"] or 0) for r in rows) or 1.0
@@ -107,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{r['loader']}: not measured: {r['error']}")
     console.print(f"{time.perf_counter() - started:.1f} s")
     if own.json:
-        atomic_write(Path(own.json), json.dumps({"device": device.type, "batch_size": cfg.batch_size,
-                                                 "image_size": cfg.image_size, "augment": cfg.augment,
+        atomic_write(Path(own.json), json.dumps({"device": device.type, "batch_size": s.train.batch_size,
+                                                 "image_size": s.data.image_size, "augment": s.data.augment,
                                                  "env": environment(device), "rows": rows}, indent=2) + "\n")
     return 0 if any(r["loader_images_per_s"] for r in rows) else 1
 

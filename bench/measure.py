@@ -174,3 +174,31 @@ def _driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+def measure_loader(loader, device: torch.device, *, max_batches: int = 50, warmup: int = 3) -> dict:
+    """Steady-state images/s of iterating `loader` (first `warmup` batches left out). Each batch is
+    reduced on the device so that lazy work really happens before the clock stops."""
+    timer = StepTimer(device)
+    sink = torch.zeros((), device=device)
+    images, counted = 0, 0
+    synchronize(device)
+    for i, (x, y) in enumerate(loader):
+        if i >= warmup + max_batches:
+            break
+        timer.mark()
+        sink += x[:, :, 0, 0].float().sum() + y.sum()  # touches every batch without a host sync
+        if i >= warmup:
+            images, counted = images + y.shape[0], counted + 1
+    timer.mark()
+    synchronize(device)
+    # Interval k runs from the mark after batch k to the mark after batch k + 1: the fetch of batch
+    # k + 1. Batches warmup .. warmup + counted - 1 were counted, so their fetches are intervals
+    # warmup - 1 .. warmup + counted - 2 (the interval after the last batch fetched nothing counted).
+    intervals = timer.intervals_ms()[warmup - 1:warmup - 1 + counted]
+    if not intervals:
+        return {"loader_images_per_s": None, "loader_batch_ms_median": None, "loader_batches": 0}
+    # The median batch, not the mean: the first batches of a process pay one-off costs (thread pools,
+    # kernel selection) that would otherwise dominate a short measurement.
+    return {"loader_images_per_s": round(images / counted / (median(intervals) / 1e3), 1),
+            "loader_batch_ms_median": round(median(intervals), 3), "loader_batches": counted}

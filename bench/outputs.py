@@ -6,34 +6,34 @@ lost run.
 """
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from bench.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from bench.evaluate import default_out_dir, evaluate_model, print_report
+from bench.config import saved_settings
 from bench.files import atomic_write
 from bench.plots import write_plots
 from bench.report import markdown_report, render_text, trace_table
-from pipelines import select_splits
+from bench.schema import Status
+from bench.scoring import default_out_dir, evaluate_model, print_report
+from bench.settings import Settings
+from pipelines import Dataset, select_splits
 
 
 class Checkpoints:
     """`checkpoints/best.pt`: the best variant so far (the --final-best row beats any validation row);
     with --save-checkpoint also `checkpoints/<variant>.pt` for every variant."""
 
-    def __init__(self, folder: Path, keep_all: bool, classes: list[str], saved_rows: list[dict],
-                 settings_of: Callable[[argparse.Namespace], dict]):
-        self.folder, self.keep_all, self.classes, self.settings_of = folder, keep_all, classes, settings_of
+    def __init__(self, folder: Path, keep_all: bool, classes: list[str], saved_rows: list[dict]):
+        self.folder, self.keep_all, self.classes = folder, keep_all, classes
         self.best_path = folder / "best.pt"
         # a resumed run's best.pt belongs to the best of its kept rows
-        self.best = max((best_key(r) for r in saved_rows if r.get("status") == "ok"), default=None)
+        self.best = max((best_key(r) for r in saved_rows if r.get("status") == Status.OK), default=None)
 
-    def on_trained(self, model, row: dict, cfg: argparse.Namespace) -> None:
-        settings = self.settings_of(cfg)
+    def on_trained(self, model, row: dict, variant_settings: Settings) -> None:
+        settings = variant_settings.study()
         if self.keep_all:
             save_checkpoint(self.folder / f"{row['variant']}.pt", model, settings=settings, row=row,
                             classes=self.classes)
@@ -47,8 +47,8 @@ def best_key(row: dict) -> tuple:
     return (row.get("kind") == "final", row.get("top1") or 0.0)
 
 
-def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_info: dict, rows: list[dict],
-                    table, data, best_path: Path, device: torch.device) -> None:
+def write_artifacts(console: Console, score_best: bool, out: Path, run_info: dict, rows: list[dict],
+                    table, data: Dataset, best_path: Path, device: torch.device) -> None:
     """Everything made from the finished results: trace summaries, plots, the best variant's evaluation,
     report.md and table.txt. A failure here is a warning: results.json is already complete."""
     def attempt(what: str, fn):
@@ -64,24 +64,24 @@ def write_artifacts(console: Console, cfg: argparse.Namespace, out: Path, run_in
             console.print(traced)
     plots = attempt("plots", lambda: write_plots(out, run_info, rows)) or []
     evaluation = None
-    if cfg.evaluate_best and best_path.exists():
+    if score_best and best_path.exists():
         evaluation = attempt("evaluating the best variant", lambda: evaluate_best(console, out, best_path, data, device))
     atomic_write(out / "table.txt", render_text(table))
     atomic_write(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
-    console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {cfg.trace_dir}"
+    console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {run_info['trace_dir']}"
                                                      if any(r.get("trace") for r in rows) else ""))
 
 
 def evaluate_best(console: Console, out: Path, best_path: Path, data, device: torch.device) -> dict:
     """`python -m bench.evaluate OUT/checkpoints/best.pt`, in process: the same files, the same place."""
     checkpoint = load_checkpoint(best_path)
-    c = argparse.Namespace(**checkpoint["settings"])
-    _, split = select_splits(data, c.eval_split, c.final)
+    s = saved_settings(checkpoint["settings"])
+    _, split = select_splits(data, s.data.eval_split, s.data.final)
     variant = checkpoint["row"]["variant"]
-    folder = default_out_dir(best_path, variant, "test" if c.final else c.eval_split)
+    folder = default_out_dir(best_path, variant, s.data.scored_split)
     console.print(f"[bold]best variant[/bold]: {variant} (top-1 {checkpoint['row']['top1']:.2f} %), "
                   f"evaluated class by class")
-    result = evaluate_model(build_from_checkpoint(checkpoint), c, split, data.classes, folder, device,
+    result = evaluate_model(build_from_checkpoint(checkpoint), s, split, data.classes, folder, device,
                             variant=variant, checkpoint=str(best_path))
     print_report(console, result)
     return {**result, "dir": str(folder)}

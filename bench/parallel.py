@@ -16,7 +16,6 @@ bench.run wires these in; bench.distributed has the primitives.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -26,7 +25,9 @@ from pathlib import Path
 from bench import distributed
 from bench.checkpoint import save_checkpoint
 from bench.distributed import Dist, all_gather_objects
-from bench.variants import ConfigError
+from bench.errors import ConfigError
+from bench.schema import TRAINED, Status
+from bench.settings import Settings
 
 # How the ranks' values of one variant combine. Rates add up (each rank processes its own images at
 # the same time); times and memory are the slowest or largest rank's (the step waits for it).
@@ -35,7 +36,6 @@ LARGEST = ("peak_mem_bytes", "device_peak_mem_bytes", "step_ms_median", "data_wa
            "wall_s", "gpu_hours", "train_acc_s", "feature_cache_s", "trace_export_s")
 AVERAGED = ("mfu",)  # a share of each device's ceiling: the mean over devices
 PER_RANK = ("peak_mem_bytes", "device_peak_mem_bytes", "images_per_s")  # also kept as lists, rank by rank
-TRAINED = ("ok", "overlap")  # rows whose measurements exist on every rank
 
 
 class RankFailure(RuntimeError):
@@ -47,28 +47,29 @@ class RankFailure(RuntimeError):
         self.details = details
 
 
-def check_config(cfg: argparse.Namespace, d: Dist) -> None:
+def check_config(s: Settings, d: Dist) -> None:
     """Settings that cannot work on several ranks, refused before anything starts."""
-    if d.world_size == 1 or cfg.parallel != "data":
+    if d.world_size == 1 or s.output.parallel != "data":
         return
-    if cfg.oom == "retry":
+    if s.train.oom == "retry":
         raise ConfigError("--oom retry would halve the batch on the rank that ran out of memory only; under "
                           "torchrun use --oom fail with --parallel data, or --parallel variants")
-    if cfg.batch_size == "auto":
+    if s.train.batch_size == "auto":
         raise ConfigError("--batch-size auto searches each rank's device on its own and the ranks could "
                           "disagree; give --batch-size N (per rank) with --parallel data")
-    if getattr(cfg, "feature_cache", False):
+    if s.speed.feature_cache:
         raise ConfigError("--feature-cache is not sharded across ranks; use --no-feature-cache with "
                           "--parallel data, or --parallel variants")
 
 
-def check_sizes(cfg: argparse.Namespace, d: Dist, train_images: int, eval_images: int) -> None:
+def check_sizes(s: Settings, d: Dist, train_images: int, eval_images: int) -> None:
     """Under --parallel data: every rank needs at least one full batch and one evaluation image."""
-    if d.world_size == 1 or cfg.parallel != "data":
+    batch = s.train.batch_size
+    if d.world_size == 1 or s.output.parallel != "data":
         return
-    if train_images // d.world_size < cfg.batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} per rank x {d.world_size} ranks = global batch "
-                          f"{cfg.batch_size * d.world_size} is larger than the {train_images} training images")
+    if train_images // d.world_size < batch:
+        raise ConfigError(f"--batch-size {batch} per rank x {d.world_size} ranks = global batch "
+                          f"{batch * d.world_size} is larger than the {train_images} training images")
     if eval_images < d.world_size:
         raise ConfigError(f"{eval_images} evaluation images cannot be shared by {d.world_size} ranks")
 
@@ -78,13 +79,13 @@ def data_parallel_width(run: dict) -> int:
     return int(run.get("world_size") or 1) if run.get("parallel", "data") == "data" else 1
 
 
-def check_resume(out: Path, cfg: argparse.Namespace, d: Dist) -> None:
+def check_resume(out: Path, s: Settings, d: Dist) -> None:
     """A resumed run's new rows must share the saved rows' global batch: the same data-parallel width."""
     try:
         saved = data_parallel_width(json.loads((out / "results.json").read_text())["run"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # prepare_out has already said what is wrong with the file
-    now = d.world_size if cfg.parallel == "data" else 1
+    now = d.world_size if s.output.parallel == "data" else 1
     if saved != now:
         raise ConfigError(f"--resume {out}: its variants trained on {saved} device(s) each (--parallel data), "
                           f"this run would train them on {now}; resume with the same torchrun world size, "
@@ -158,10 +159,10 @@ class DataParallelRows:
             return
         peer = _peer_failure(row)
         if peer:  # not this rank's own failure: a collective broke because another rank stopped first
-            row = {**row, "status": "interrupted", "traceback": None,
+            row = {**row, "status": Status.INTERRUPTED, "traceback": None,
                    "error": f"stopped because another rank failed ({row['error']})"}
         self.on_row({**row, "world_size": self.dist.world_size, "rank": self.dist.rank})
-        if row["status"] == "interrupted" and not peer:
+        if row["status"] == Status.INTERRUPTED and not peer:
             return  # Ctrl-C / SIGTERM on this rank: run_sweep raises it on
         raise RankFailure(f"rank {self.dist.rank}: variant {row['variant']}: {row['status']}: {row['error']}",
                           row.get("traceback"))
@@ -239,15 +240,14 @@ class CandidateCheckpoints:
     --save-checkpoint, else a hidden candidate. Rank 0 promotes the best row's file to best.pt once
     every row is in (`promote`), and removes the other candidates."""
 
-    def __init__(self, folder: Path, keep_all: bool, classes: list[str], settings_of: Callable[[argparse.Namespace], dict]):
-        self.folder, self.keep_all, self.classes, self.settings_of = folder, keep_all, classes, settings_of
+    def __init__(self, folder: Path, keep_all: bool, classes: list[str]):
+        self.folder, self.keep_all, self.classes = folder, keep_all, classes
 
     def path(self, variant: str) -> Path:
         return self.folder / (f"{variant}.pt" if self.keep_all else f".candidate-{variant}.pt")
 
-    def on_trained(self, model, row: dict, cfg: argparse.Namespace) -> None:
-        save_checkpoint(self.path(row["variant"]), model, settings=self.settings_of(cfg), row=row,
-                        classes=self.classes)
+    def on_trained(self, model, row: dict, settings: Settings) -> None:
+        save_checkpoint(self.path(row["variant"]), model, settings=settings.study(), row=row, classes=self.classes)
 
     def promote(self, best: dict | None, best_path: Path, trained: set[str]) -> None:
         """`best`: the best row of the whole run; `trained`: variants trained in this run (a kept row

@@ -1,5 +1,5 @@
 """Figures of a run's results: PNGs under `<out>/plots/`, drawn from the same `run` and rows
-(`depths`) that results.json holds.
+(`rows`) that results.json holds.
 
 - curves.png: training loss and eval top-1 per epoch, one line per variant;
 - depth.png: training images/s, peak memory and top-1 against the unfreeze depth (or the variant);
@@ -23,10 +23,10 @@ from matplotlib.ticker import MaxNLocator
 
 from bench.files import atomic_write
 from bench.report import what_ran
+from bench.schema import TRAINED
 
 FIGSIZE, DPI = (12.0, 4.0), 100
 MARKERS = "osD^vP*Xph"
-TRAINED = ("ok", "overlap")  # rows with measurements; overlap rows only lack accuracy
 
 
 def write_plots(out: Path, run: dict, rows: list[dict]) -> list[Path]:

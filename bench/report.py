@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.files import atomic_write
-from bench.schema import SCHEMA_VERSION
+from bench.schema import SCHEMA_VERSION, Status
 
 # (key, header, format) for the terminal table; README.md explains each column.
 COLUMNS = [
@@ -64,7 +64,7 @@ def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h
         for key, _, fmt in shown:
             value = row.get(key)
             cells.append("-" if value is None else fmt(value))
-        if row.get("status") != "ok":
+        if row.get("status") != Status.OK:
             cells[3] = f"[red]{row.get('status')}[/red]"
         table.add_row(*cells)
     return table
@@ -80,9 +80,9 @@ def _flat(row: dict) -> dict:
 
 
 def write_results(out: Path, run: dict, rows: list[dict]) -> None:
-    """results.json (`{"run": ..., "depths": [...]}`) and results.csv (one flat row per variant)."""
+    """results.json (`{"schema_version": ..., "run": ..., "rows": [...]}`) and results.csv (one flat row per variant)."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema_version": SCHEMA_VERSION, "run": run, "depths": rows}
+    doc = {"schema_version": SCHEMA_VERSION, "run": run, "rows": rows}
     atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     flat = [_flat(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
@@ -175,7 +175,7 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
     for row in rows:
         cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in shown]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    failed = [r for r in rows if r.get("status") != "ok"]
+    failed = [r for r in rows if r.get("status") != Status.OK]
     if failed:
         lines += [""] + [f"- `{r['variant']}`: {r['status']}: {r.get('error')}" for r in failed]
     lines += ["", "Full figures: [results.json](results.json), [results.csv](results.csv); "

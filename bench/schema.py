@@ -4,12 +4,30 @@ Bump SCHEMA_VERSION when a field changes meaning or type, so later readers can t
 """
 from __future__ import annotations
 
+from enum import StrEnum
+
 # 2: throughput rows (mode "throughput") have no accuracy; FLOPs and MFU in every row.
 # 3: feature-cache rows' images_per_s is end to end (the tail's own rate is tail_images_per_s); data_wait_pct
 #    is the device's idle share of the timed steps; device_peak_mem_bytes beside torch's peak_mem_bytes;
 #    the whole run's wall_s and device_hours, and the TF32 settings, in run.
-SCHEMA_VERSION = 3
-STATUSES = ("ok", "oom", "nan", "error", "overlap", "interrupted")
+# 4: the rows are under `rows` (they were under `depths`, which also held approach, budget and final rows).
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # what --resume reads
+
+
+class Status(StrEnum):
+    """What happened to a variant; a row's `status`."""
+    OK = "ok"
+    OOM = "oom"                  # out of device memory
+    NAN = "nan"                  # the training loss became non-finite
+    ERROR = "error"
+    OVERLAP = "overlap"          # trained and measured; accuracy withheld by the leakage guard
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM
+
+
+STATUSES = tuple(Status)
+FINISHED = (Status.OK, Status.OOM, Status.NAN, Status.OVERLAP)  # kept by --resume; the others run again
+TRAINED = (Status.OK, Status.OVERLAP)                           # trained to the end: measurements exist
 
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
@@ -44,20 +62,25 @@ def validate_results(doc: dict) -> list[str]:
     if not isinstance(doc, dict):
         return ["results.json: not an object"]
     errors = [] if doc.get("schema_version") == SCHEMA_VERSION else [f"schema_version is {doc.get('schema_version')!r}"]
-    run, rows = doc.get("run"), doc.get("depths")
+    run, rows = doc.get("run"), doc.get("rows")
     if not isinstance(run, dict) or not isinstance(rows, list):
-        return errors + ["'run' must be an object and 'depths' a list"]
+        return errors + ["'run' must be an object and 'rows' a list"]
     errors += _check(run, RUN, "run")
     errors += [f"run.env: missing {k!r}" for k in ENV if k not in run.get("env", {})]
     for i, row in enumerate(rows):
-        where = f"depths[{i}]"
+        where = f"rows[{i}]"
         errors += _check(row, ROW_ALWAYS, where)
         if row.get("status") not in STATUSES:
             errors.append(f"{where}: status {row.get('status')!r} not in {STATUSES}")
-        if row.get("status") in ("ok", "overlap"):
+        if row.get("status") in TRAINED:
             errors += _check(row, ROW_TRAINED, where)
             for j, h in enumerate(row.get("history", [])):
                 errors += _check(h, HISTORY, f"{where}.history[{j}]")
-        if row.get("status") == "ok" and row.get("mode") != "throughput" and not isinstance(row.get("top1"), _NUM):
+        if row.get("status") == Status.OK and row.get("mode") != "throughput" and not isinstance(row.get("top1"), _NUM):
             errors.append(f"{where}: an ok row needs top1 (only throughput rows have none)")
     return errors
+
+
+def saved_rows(doc: dict) -> list:
+    """A results.json's rows, in any version --resume reads."""
+    return doc["rows"] if "rows" in doc else doc["depths"]

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +94,14 @@ class EpochStats:
 
 
 @dataclass
+class Predictions:
+    """Per image, in the loader's order (numpy): top-1 class, whether the label is in the top 5, label."""
+    pred: np.ndarray
+    hitk: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
 class EvalStats:
     loss: float
     top1: float
@@ -100,6 +109,7 @@ class EvalStats:
     images: int                 # scored by this process: its shard under data parallelism
     batch_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    predictions: Predictions | None = None
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -125,9 +135,10 @@ class Trainer:
         trained = distributed.wrap_ddp(model, device, compiled=compile) if data_parallel else model
         # dynamic=False: a second batch size (the evaluation's, the last partial batch) gets a graph of its
         # own instead of turning the batch dimension symbolic for every later call.
-        self.forward = (torch.compile(trained, mode=compile_mode, backend=compile_backend, dynamic=False)
+        self.network = (torch.compile(trained, mode=compile_mode, backend=compile_backend, dynamic=False)
                         if compile else trained)
         self.compiled = compile
+        self.precision = precision
         self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
         self.device_peak = DevicePeak(device)  # the whole device's memory, DALI's included
@@ -139,7 +150,7 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = self.criterion(self.forward(images), labels)
+            loss = self.criterion(self.network(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -188,50 +199,65 @@ class Trainer:
         return EpochStats(loss=(loss_sum / max(images_seen, 1)).item(), images=images_seen,
                           step_ms=timer.intervals_ms(), idle_ms=timer.idle_ms(), wall_s=wall)
 
-    # no_grad, not inference_mode: inference tensors would make a compiled forward recompile
-    # for batches created inside and outside the mode (DALI prefetches the first one outside).
-    @torch.no_grad()
     def evaluate(self, loader, num_classes: int) -> EvalStats:
-        """Loss, top-1 and top-5 over the whole split; `images`, `batch_ms` and `wall_s` are this
-        process's (under data parallelism each rank scores its shard and the sums are all-reduced)."""
+        """Loss, top-1 and top-5 over the whole split (under data parallelism, every rank's shard)."""
         if self.data_parallel:  # every rank scores with the same BatchNorm statistics
             distributed.average_buffers(self.model)
         self.model.eval()
-        k = min(5, num_classes)
-        timer = StepTimer(self.device)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct1 = torch.zeros((), device=self.device, dtype=torch.int64)
-        correctk = torch.zeros_like(correct1)
-        n, full = 0, None
-        synchronize(self.device)
-        start = time.perf_counter()
-        for x, y in loader:
-            timer.mark()
-            full = full or x.shape[0]
-            rows = x.shape[0]
-            if self.compiled and rows < full:
-                # A compiled forward sees one shape only: pad the last partial batch instead of
-                # recompiling (eval-mode BatchNorm keeps the samples independent, so padding changes nothing).
-                x = torch.cat([x, x.new_zeros((full - rows, *x.shape[1:]))]).contiguous(memory_format=_layout(x))
-            with self.autocast():
-                logits = self.forward(x)[:rows]
-            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-            topk = logits.topk(k, dim=1).indices
-            hits = topk == y[:, None]
-            correct1 += hits[:, 0].sum()
-            correctk += hits.any(dim=1).sum()
-            n += y.shape[0]
-        timer.mark()
+        stats = evaluate(self.network, loader, device=self.device, precision=self.precision, num_classes=num_classes,
+                         pad_partial=self.compiled, all_ranks=self.data_parallel)
         self.device_peak.sample()
-        synchronize(self.device)
-        wall = time.perf_counter() - start
-        local = n
-        if self.data_parallel:  # the whole split: every rank's sums, never one rank's shard alone
-            sums = torch.stack([loss_sum, correct1.double(), correctk.double(),
-                                torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-            loss_sum, correct1, correctk, total = distributed.all_reduce_(sums).unbind()
-            n = int(total.item())
-        if n == 0:
-            return EvalStats(math.nan, math.nan, math.nan, 0, [], wall)
-        return EvalStats(loss=loss_sum.item() / n, top1=100.0 * correct1.item() / n,
-                         top5=100.0 * correctk.item() / n, images=local, batch_ms=timer.intervals_ms(), wall_s=wall)
+        return stats
+
+
+# no_grad, not inference_mode: inference tensors would make a compiled forward recompile
+# for batches created inside and outside the mode (DALI prefetches the first one outside).
+@torch.no_grad()
+def evaluate(forward, loader, *, device: torch.device, precision: str, num_classes: int, pad_partial: bool = False,
+             all_ranks: bool = False, keep_predictions: bool = False) -> EvalStats:
+    """Scores `forward` (a module in eval mode) over every batch of `loader`: the harness's evaluation
+    after each epoch and bench.evaluate's, so both agree to the image.
+
+    `pad_partial`: a compiled forward sees one shape only, so the last partial batch is padded instead
+    of recompiled (eval-mode BatchNorm keeps samples independent, so padding changes nothing).
+    `all_ranks`: sums are all-reduced over the process group; `images`, `batch_ms` and `wall_s` stay
+    this process's. `keep_predictions`: also every image's prediction, copied to the host once."""
+    k = min(5, num_classes)
+    timer = StepTimer(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct1 = torch.zeros((), device=device, dtype=torch.int64)
+    correctk = torch.zeros_like(correct1)
+    kept: list[tuple[torch.Tensor, ...]] = []
+    n, full = 0, None
+    synchronize(device)
+    start = time.perf_counter()
+    for x, y in loader:
+        timer.mark()
+        full = full or x.shape[0]
+        rows = x.shape[0]
+        if pad_partial and rows < full:
+            x = torch.cat([x, x.new_zeros((full - rows, *x.shape[1:]))]).contiguous(memory_format=_layout(x))
+        with autocast(device, precision):
+            logits = forward(x)[:rows]
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        topk = logits.topk(k, dim=1).indices
+        hits = topk == y[:, None]
+        correct1 += hits[:, 0].sum()
+        correctk += hits.any(dim=1).sum()
+        if keep_predictions:
+            kept.append((topk[:, 0], hits.any(dim=1), y))
+        n += y.shape[0]
+    timer.mark()
+    synchronize(device)
+    wall = time.perf_counter() - start
+    local = n
+    if all_ranks:
+        sums = torch.stack([loss_sum, correct1.double(), correctk.double(),
+                            torch.tensor(float(n), dtype=torch.float64, device=device)])
+        loss_sum, correct1, correctk, total = distributed.all_reduce_(sums).unbind()
+        n = int(total.item())
+    predictions = Predictions(*(torch.cat(parts).cpu().numpy() for parts in zip(*kept))) if kept else None
+    if n == 0:
+        return EvalStats(math.nan, math.nan, math.nan, 0, [], wall)
+    return EvalStats(loss=loss_sum.item() / n, top1=100.0 * correct1.item() / n, top5=100.0 * correctk.item() / n,
+                     images=local, batch_ms=timer.intervals_ms(), wall_s=wall, predictions=predictions)

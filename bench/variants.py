@@ -5,12 +5,10 @@ epoch budgets) are new generator functions here, not changes to the loop.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
-
-class ConfigError(Exception):
-    """Bad user input found before any training; the message is one line."""
+from bench.errors import ConfigError
+from bench.settings import GROUP_OF, Settings
 
 
 @dataclass(frozen=True)
@@ -19,8 +17,8 @@ class Variant:
     kind: str
     overrides: dict = field(default_factory=dict)
 
-    def apply(self, cfg: argparse.Namespace) -> argparse.Namespace:
-        return argparse.Namespace(**{**vars(cfg), **self.overrides})
+    def apply(self, settings: Settings) -> Settings:
+        return settings.replace(**self.overrides)
 
 
 def parse_unfreeze(text: str | list) -> list[int | str]:
@@ -75,44 +73,45 @@ def budget_variants(text: str | list) -> list[Variant]:
     return [Variant(f"epochs-{b}", "epochs", {"epochs": int(b)}) for b in budgets]
 
 
-def listed_variants(specs: list[dict], settings: set[str]) -> list[Variant]:
+def listed_variants(specs: list[dict]) -> list[Variant]:
     """A profile's own `[[variants]]` tables: a `name`, an optional `kind`, and settings to override."""
     variants = []
     for spec in specs:
         spec = dict(spec)
         name, kind = spec.pop("name", None), spec.pop("kind", "named")
-        unknown = sorted(set(spec) - settings)
+        unknown = sorted(set(spec) - GROUP_OF.keys())
         if not name or unknown:
             raise ConfigError(f"profile variant {name!r}: needs a name and known settings only (unknown: {unknown})")
         variants.append(Variant(str(name), kind, spec))
     return variants
 
 
-def make_variants(cfg: argparse.Namespace, settings: set[str]) -> list[Variant]:
-    """The run's variants: a profile's list, else approaches, else epoch budgets, else depths."""
-    if cfg.variant_specs:
-        variants = listed_variants(cfg.variant_specs, settings)
-    elif cfg.approaches:
-        variants = approach_variants(cfg.approaches)
-    elif cfg.epoch_budgets:
-        variants = budget_variants(cfg.epoch_budgets)
+def make_variants(settings: Settings, given: frozenset[str] = frozenset()) -> list[Variant]:
+    """The run's variants: a profile's list, else approaches, else epoch budgets, else depths.
+    `given`: the flags the command line set, which no variant may silently override."""
+    sweep, unfreeze = settings.sweep, settings.model.unfreeze
+    if sweep.variant_specs:
+        variants = listed_variants(sweep.variant_specs)
+    elif sweep.approaches:
+        variants = approach_variants(sweep.approaches)
+    elif sweep.epoch_budgets:
+        variants = budget_variants(sweep.epoch_budgets)
     else:
-        return depth_variants(cfg.unfreeze)
-    # A flag on the command line that every variant overrides would be silently ignored: refuse it.
-    ignored = sorted(set(getattr(cfg, "given", [])).intersection(*(v.overrides.keys() for v in variants)))
+        return depth_variants(unfreeze)
+    ignored = sorted(set(given).intersection(*(v.overrides.keys() for v in variants)))
     if ignored:
         flag = "--" + ignored[0].replace("_", "-")
         raise ConfigError(f"{flag} cannot be honoured: every variant of this run ({', '.join(v.name for v in variants)}) "
                           f"sets its own {ignored[0]}")
     # Variants of other kinds train one depth each: their own, or the single one --unfreeze gives.
     if any("unfreeze" not in v.overrides for v in variants):
-        depths = parse_unfreeze(cfg.unfreeze)
+        depths = parse_unfreeze(unfreeze)
         if len(depths) != 1:
-            raise ConfigError(f"these variants train one depth each: give a single --unfreeze, not {cfg.unfreeze!r}")
+            raise ConfigError(f"these variants train one depth each: give a single --unfreeze, not {unfreeze!r}")
         variants = [v if "unfreeze" in v.overrides else Variant(v.name, v.kind, {"unfreeze": depths[0], **v.overrides})
                     for v in variants]
-    if getattr(cfg, "smoke", False):
-        variants = smoke_budgets(variants, cfg.max_steps)
+    if sweep.smoke:
+        variants = smoke_budgets(variants, settings.train.max_steps)
     return variants
 
 

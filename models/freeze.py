@@ -97,9 +97,7 @@ def apply_unfreeze(model: nn.Module, depth: int | str, unit: str, model_name: st
         for m in layer.modules:
             m.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen_bn = [m for m in model.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and not any(p.requires_grad for p in m.parameters())]
+    frozen_bn = frozen_batchnorms(model)
     return FreezePlan(
         depth=n, unit=unit, num_layers=len(ordered),
         trainable_layers=[layer.name for layer in ordered[:n]],
@@ -108,6 +106,13 @@ def apply_unfreeze(model: nn.Module, depth: int | str, unit: str, model_name: st
         total_params=sum(p.numel() for p in model.parameters()),
         frozen_bn=frozen_bn,
     )
+
+
+def frozen_batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers with nothing to train: in eval mode while training, so their running
+    statistics stay the pretrained ones."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())]
 
 
 def set_train_mode(model: nn.Module, plan: FreezePlan, frozen_bn: str = "eval") -> None:

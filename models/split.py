@@ -32,6 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
+from models.freeze import frozen_batchnorms
 from models.simple_cnn import SimpleCNN
 
 # Modules that behave differently in train mode and have no parameters: they must not run in the
@@ -98,9 +99,8 @@ class SplitModel(nn.Module):
         `set_train_mode(..., frozen_bn="eval")`); the trunk stays in eval mode whatever `mode` is."""
         super().train(mode)
         self.trunk.eval()
-        for m in self.tail.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                m.eval()
+        for m in frozen_batchnorms(self.tail):
+            m.eval()
         return self
 
 

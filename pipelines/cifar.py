@@ -30,11 +30,9 @@ import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-__all__ = ["DataError", "load_cifar"]
+from pipelines.contract import DataError
 
-
-class DataError(Exception):
-    """Bad or missing dataset files; the message is one line meant for the user."""
+__all__ = ["load_cifar"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,6 @@ class _Spec:
     label_key: str  # per-batch label key
     names_key: str  # class-name key in the meta file
     n_classes: int
-    coarse_label_key: str | None = None
-    coarse_names_key: str | None = None
-    n_coarse: int = 0
 
     @property
     def files(self) -> list[tuple[str, str]]:
@@ -89,9 +84,6 @@ _SPECS: dict[str, _Spec] = {
         label_key="fine_labels",
         names_key="fine_label_names",
         n_classes=100,
-        coarse_label_key="coarse_labels",
-        coarse_names_key="coarse_label_names",
-        n_coarse=20,
     ),
 }
 
@@ -107,9 +99,9 @@ def load_cifar(
     *,
     verify: bool = True,
 ) -> dict:
-    """Returns {"train": (images, labels), "test": (images, labels), "classes": [str, ...], "coarse": {"train": labels, "test": labels} or None}
+    """Returns {"train": (images, labels), "test": (images, labels), "classes": [str, ...]}
     images: numpy uint8 array N x 32 x 32 x 3 (HWC, C-contiguous); labels: numpy int64 array N.
-    name is "cifar10" or "cifar100" (CIFAR-100: fine labels, coarse labels under "coarse").
+    name is "cifar10" or "cifar100" (CIFAR-100: the 100 fine labels).
 
     download: fetch and extract the official archive into data_dir when files are missing.
     verify: check every source file against its official md5 before parsing it.
@@ -198,10 +190,8 @@ def _labels(raw: Any, n: int, n_classes: int, key: str, path: Path) -> np.ndarra
     return arr.astype(np.int64, copy=False)
 
 
-def _read_batches(
-    spec: _Spec, folder: Path, files: tuple[tuple[str, str], ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    datas, labels, coarse = [], [], []
+def _read_batches(spec: _Spec, folder: Path, files: tuple[tuple[str, str], ...]) -> tuple[np.ndarray, np.ndarray]:
+    datas, labels = [], []
     for fname, _ in files:
         path = folder / fname
         entry = _load_pickle(path)
@@ -213,13 +203,10 @@ def _read_batches(
         n = data.shape[0]
         datas.append(data)
         labels.append(_labels(_get(entry, spec.label_key, path), n, spec.n_classes, spec.label_key, path))
-        if spec.coarse_label_key is not None:
-            key = spec.coarse_label_key
-            coarse.append(_labels(_get(entry, key, path), n, spec.n_coarse, key, path))
     flat = np.concatenate(datas) if len(datas) > 1 else datas[0]
     # Rows are three 32x32 channel planes (R, G, B); convert to NHWC, contiguous for the pipelines.
     images = np.ascontiguousarray(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return images, np.concatenate(labels), (np.concatenate(coarse) if coarse else None)
+    return images, np.concatenate(labels)
 
 
 def _names(meta: dict[str, Any], key: str, count: int, path: Path) -> list[str]:
@@ -235,12 +222,8 @@ def _parse(spec: _Spec, folder: Path) -> dict:
     meta_path = folder / spec.meta[0]
     meta = _load_pickle(meta_path)
     classes = _names(meta, spec.names_key, spec.n_classes, meta_path)
-    if spec.coarse_names_key is not None:
-        _names(meta, spec.coarse_names_key, spec.n_coarse, meta_path)  # validated, not returned
-    train_x, train_y, train_c = _read_batches(spec, folder, spec.train)
-    test_x, test_y, test_c = _read_batches(spec, folder, spec.test)
-    coarse = None if train_c is None else {"train": train_c, "test": test_c}
-    return {"train": (train_x, train_y), "test": (test_x, test_y), "classes": classes, "coarse": coarse}
+    return {"train": _read_batches(spec, folder, spec.train), "test": _read_batches(spec, folder, spec.test),
+            "classes": classes}
 
 
 def _read_cache(cache: Path, spec: _Spec, sources: list[Path], need_verified: bool) -> dict | None:
@@ -253,7 +236,7 @@ def _read_cache(cache: Path, spec: _Spec, sources: list[Path], need_verified: bo
                 return None
             arrays = {k: z[k] for k in z.files}
         classes = [str(c) for c in arrays["classes"]]
-        out: dict[str, Any] = {"classes": classes, "coarse": None}
+        out: dict[str, Any] = {"classes": classes}
         for split in ("train", "test"):
             x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
             if (x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3)
@@ -262,11 +245,6 @@ def _read_cache(cache: Path, spec: _Spec, sources: list[Path], need_verified: bo
             out[split] = (np.ascontiguousarray(x), y)
         if len(classes) != spec.n_classes:
             return None
-        if spec.coarse_label_key is not None:
-            c = {s: arrays[f"{s}_coarse"] for s in ("train", "test")}
-            if any(c[s].dtype != np.int64 or c[s].shape != out[s][1].shape for s in c):
-                return None
-            out["coarse"] = c
         return out
     except Exception:  # missing, truncated or foreign cache: rebuild it from the pickles
         return None
@@ -282,9 +260,6 @@ def _write_cache(cache: Path, data: dict, verified: bool) -> None:
         "test_x": data["test"][0],
         "test_y": data["test"][1],
     }
-    if data["coarse"] is not None:
-        arrays["train_coarse"] = data["coarse"]["train"]
-        arrays["test_coarse"] = data["coarse"]["test"]
     tmp = None
     try:
         # Same directory as the target so os.replace is an atomic rename: readers never see half a file.

@@ -14,17 +14,18 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipelines.augment import Augment, augment_spec
-from pipelines.loaders import shard, shard_size
+from pipelines.contract import LoaderSpec, batch_count, epoch_order, shard, shard_size
+
+PREFETCH_QUEUE_DEPTH = 2  # DALI's default: the next batches are prepared while the model trains on this one
+
 
 class EpochSource:
     """`external_source` callback: one batch of (images, labels) per call, shuffled per epoch.
 
-    DALI calls it with `BatchInfo`; the permutation depends only on (seed, epoch), because DALI's
-    prefetching asks for the next epoch's first batches before the current epoch has been consumed.
-    Raising StopIteration ends the epoch. Training drops the last partial batch (constant shapes for
-    compiled steps and honest step times); evaluation keeps it so every image is scored once.
-    With `world_size` > 1 the source serves rank `rank`'s shard of every epoch's order
-    (`pipelines.loaders.shard`: training drops the remainder so every rank runs the same steps).
+    DALI calls it with `BatchInfo`; the permutation depends only on (seed, epoch) (`epoch_order`),
+    because DALI's prefetching asks for the next epoch's first batches before the current epoch has
+    been consumed. Raising StopIteration ends the epoch. With `world_size` > 1 the source serves rank
+    `rank`'s shard of every epoch's order.
 
     On the GPU the gather runs on a stream of its own (`stream`, which DALI also copies on): on torch's
     current stream it would queue behind the training step in flight, so DALI could not prepare the next
@@ -44,13 +45,11 @@ class EpochSource:
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (0 if self.drop_last or rest == 0 else 1)
+        return batch_count(self.n, self.batch_size, drop_last=self.drop_last)
 
     def _order_for(self, epoch: int):
         if epoch != self._epoch:
-            order = (np.random.default_rng([self.seed, epoch]).permutation(self.total) if self.shuffle
-                     else np.arange(self.total))
+            order = epoch_order(self.total, self.seed, epoch) if self.shuffle else np.arange(self.total)
             order = shard(order, self.rank, self.world_size, even=self.drop_last)
             if isinstance(self.images, torch.Tensor):
                 order = torch.from_numpy(order).to(self.images.device)
@@ -104,34 +103,33 @@ def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source
 
 
 class DaliLoader:
-    """Iterates one epoch of (images, labels) per `for` loop: images NCHW channels_last, on `device`.
+    """`--loader dali`, as `pipelines.contract` describes.
 
     DALI hands back HWC tensors; permuting to NCHW is a view whose strides are exactly channels_last,
     so the network gets its preferred layout without a copy.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
-                 image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
-                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2,
-                 rank: int = 0, world_size: int = 1):
-        aug = augment_spec(augment)
-        if not train:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec):
+        aug = augment_spec(spec.augment)
+        if not spec.train:
             aug = augment_spec("none")  # evaluation never augments
+        device, seed, rank, world_size = spec.device, spec.seed, spec.rank, spec.world_size
         on_gpu = device.type == "cuda"
         if on_gpu:  # the whole uint8 split on the GPU once: CIFAR's 50k images are 150 MB
             images = torch.from_numpy(images).to(device)
             labels = torch.from_numpy(labels).to(device)
-        self.source = EpochSource(images, labels, batch_size, shuffle=train, drop_last=train, seed=seed,
-                                  rank=rank, world_size=world_size)
+        self.source = EpochSource(images, labels, spec.batch_size, shuffle=spec.train, drop_last=spec.train,
+                                  seed=seed, rank=rank, world_size=world_size)
         # The order is shared by all ranks; DALI's per-sample random draws must not be, or every rank
         # would crop and flip its i-th image exactly as the others do.
         op_seed = seed if world_size == 1 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
         pipe = image_pipeline(
-            self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=image_size, source_size=images.shape[1], mean=mean, std=std,
-            dtype=types.FLOAT16 if half and on_gpu else types.FLOAT,
-            batch_size=batch_size, num_threads=max(1, num_threads),
+            self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=spec.image_size,
+            source_size=images.shape[1], mean=spec.mean, std=spec.std,
+            dtype=types.FLOAT16 if spec.fp16 and on_gpu else types.FLOAT,
+            batch_size=spec.batch_size, num_threads=max(1, spec.num_threads),
             device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
-            seed=op_seed, prefetch_queue_depth=prefetch)
+            seed=op_seed, prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
         # auto_reset: the next `for` loop starts the next epoch.
         self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
 

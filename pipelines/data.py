@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cifar import DataError, load_cifar
+from pipelines.cifar import load_cifar
+from pipelines.contract import DataError
 from pipelines.synthetic import make_synthetic
 
 EVAL_SPLITS = ("val", "test")

@@ -1,4 +1,5 @@
-"""`--loader torch`: the DALI batch contract with plain tensor ops on the device, for machines without DALI.
+"""`--loader torch`: the loader contract (`pipelines.contract`) with plain tensor ops on the device, for
+machines without DALI.
 
 The whole uint8 split is copied to `device` once (on CUDA: no image crosses PCIe after construction);
 each batch is gathered there by index, augmented with batched tensor ops (per-sample random parameters,
@@ -16,35 +17,29 @@ no per-sample Python loop) at the native resolution, normalised, and only then r
   as torchvision's `rotate` (positive = counter-clockwise);
 - grayscale: per-sample with probability p, kept as 3 channels.
 
-Randomness: one `torch.Generator` on `device`, re-seeded at the start of every epoch from
-(seed, epoch index); it draws the epoch's permutation and then, batch after batch, one
+Randomness: one `torch.Generator` on `device`, re-seeded at the start of every epoch with
+`pipelines.contract.epoch_seed`; it draws the epoch's permutation and then, batch after batch, one
 (batch x 9) uniform tensor holding every per-sample parameter. A run is therefore reproducible from
 `seed` on a given device type; CPU and CUDA generators are different algorithms, so the same seed
 gives different (equally distributed) draws on the two.
 
 Sharding (`rank`, `world_size`): every rank draws the same permutation and, for every step, the same
-(global batch x 9) parameters, and keeps its rows of both (`pipelines.loaders.shard`). Rank r's
+(global batch x 9) parameters, and keeps its rows of both (`pipelines.contract.shard`). Rank r's
 images and their augmentation are therefore exactly the ones a single process with batch
 `batch_size * world_size` would give the same images at the same step.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines.augment import Augment, augment_spec
-from pipelines.loaders import shard, shard_size
+from pipelines.contract import LoaderSpec, batch_count, epoch_seed, shard, shard_size
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights (torchvision: 0.2989, 0.587, 0.114)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 64-bit generator seed that depends only on (seed, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,34 +136,31 @@ def _factor(u: torch.Tensor, spread: float) -> torch.Tensor:
 
 
 class TorchLoader:
-    """Iterates one epoch of (images, labels) per `for` loop: images NCHW channels_last, on `device`.
+    """`--loader torch`, as `pipelines.contract` describes.
 
-    `num_threads` and `prefetch` are accepted for the common contract and ignored: every op runs
-    asynchronously on the device's stream (on CUDA the Python loop only enqueues kernels), so there
-    is nothing to prefetch.
+    `spec.num_threads` is ignored: every op runs asynchronously on the device's stream (on CUDA the
+    Python loop only enqueues kernels), so there is nothing to prefetch.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
-                 image_size: int, mean, std, device: torch.device, augment: str = "flip-crop",
-                 half: bool = False, seed: int = 0, num_threads: int = 2, prefetch: int = 2,
-                 rank: int = 0, world_size: int = 1):
-        spec = augment_spec(augment)  # unknown names fail even for evaluation
-        self.aug: Augment = spec if train else Augment()  # evaluation never augments
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec):
+        aug = augment_spec(spec.augment)  # unknown names fail even for evaluation
+        self.aug: Augment = aug if spec.train else Augment()  # evaluation never augments
+        self.rank, self.world_size = spec.rank, spec.world_size
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be N x H x W x 3 uint8, got {images.dtype} {images.shape}")
-        self.device = torch.device(device)
-        self.batch_size, self.train, self.image_size, self.seed = batch_size, train, image_size, seed
+        self.device = torch.device(spec.device)
+        self.batch_size, self.train, self.seed = spec.batch_size, spec.train, spec.seed
+        self.image_size = spec.image_size
         self.n, self.height, self.width = images.shape[0], images.shape[1], images.shape[2]
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        self.dtype = torch.float16 if spec.fp16 and self.device.type == "cuda" else torch.float32
         pad = self.aug.pad
         data = torch.from_numpy(np.ascontiguousarray(images))
         if pad:  # pad the split once (zeros): every crop is then a plain gather, no per-batch padding
             data = F.pad(data, (0, 0, pad, pad, pad, pad))
         self.data = data.to(self.device)  # N x (H + 2 pad) x (W + 2 pad) x 3 uint8, on the device
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._rows = torch.arange(self.height, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
         self._colour = bool(self.aug.brightness or self.aug.contrast or self.aug.saturation or self.aug.hue
@@ -178,7 +170,7 @@ class TorchLoader:
 
     def __len__(self) -> int:
         n = shard_size(self.n, self.rank, self.world_size, even=self.train)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        return batch_count(n, self.batch_size, drop_last=self.train)
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1

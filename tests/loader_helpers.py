@@ -3,11 +3,17 @@ import numpy as np
 import torch
 
 from pipelines.augment import AUGMENT_SPECS
+from pipelines.contract import LoaderSpec
 
 CPU = torch.device("cpu")
 MEAN = (0.5, 0.25, 0.75)
 STD = (0.2, 0.4, 0.1)
 PAD = AUGMENT_SPECS["flip-crop"].pad
+
+
+def spec(**kw) -> LoaderSpec:
+    """The tests' defaults (evaluation in batches of 32 at 32 px on the CPU, no augmentation), then `kw`."""
+    return LoaderSpec(**{**dict(batch_size=32, train=False, image_size=32, mean=MEAN, std=STD, device=CPU), **kw})
 
 
 def epoch(dl) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,16 +6,16 @@ Every target synchronises the device before returning, so the work finishes insi
 `benchmark.pedantic` runs explicit warm-up rounds first, so compilation and cuDNN autotuning stay out
 of the statistics. Small sizes on the CPU, full size (ResNet-50, 224 px, bf16) on CUDA.
 """
-import argparse
 import itertools
 
 import pytest
 import torch
 
-from bench.sweep import make_loader
+from bench.config import parse_config
+from bench.inputs import make_loader
 from bench.train import Trainer, make_optimizer, make_scheduler
 from models import apply_unfreeze, build_model, set_train_mode
-from pipelines import LOADERS
+from pipelines import LOADERS, Split
 from pipelines.synthetic import make_synthetic
 
 NO_CUDA = "CUDA is not available here; the CUDA cases run on a machine with a GPU"
@@ -47,10 +47,9 @@ def test_loader_batch(benchmark, device_name, loader):
     device = torch.device(device_name)
     _, size, batch, precision, rounds, warmup = SIZE[device_name]
     images, labels = make_synthetic(batch * 8, NUM_CLASSES, seed=0)
-    cfg = argparse.Namespace(loader=loader, normalize="cifar", batch_size=batch, eval_batch_size=None,
-                             image_size=size, augment="flip-crop", precision=precision, seed=0, workers=2)
-    from pipelines import Split
-    batches = itertools.chain.from_iterable(itertools.repeat(make_loader(cfg, Split(images, labels), device,
+    s = parse_config(["--loader", loader, "--normalize", "cifar", "--batch-size", str(batch), "--image-size", str(size),
+                      "--augment", "flip-crop", "--precision", precision, "--seed", "0", "--workers", "2"]).settings
+    batches = itertools.chain.from_iterable(itertools.repeat(make_loader(s, Split(images, labels), device,
                                                                          train=True)))
 
     def one_batch():

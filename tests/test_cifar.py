@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipelines import cifar
-from pipelines.cifar import DataError, load_cifar
+from pipelines.cifar import load_cifar
+from pipelines.contract import DataError
 
 C10_DIR = "cifar-10-batches-py"
 C100_DIR = "cifar-100-python"
@@ -56,21 +57,20 @@ def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> dict:
 
 
 def write_cifar100(root: Path, n_train: int = 10, n_test: int = 5) -> dict:
-    """Writes CIFAR-100 train/test/meta with a few images; returns what was written."""
+    """Writes CIFAR-100 train/test/meta with a few images; returns the fine labels and class names written.
+    The official files also hold the 20 superclasses' labels and names; they are not read, so not written."""
     d = root / C100_DIR
     d.mkdir(parents=True)
     fine_names = [f"fine{i}" for i in range(100)]
-    coarse_names = [f"coarse{i}" for i in range(20)]
-    _dump(d / "meta", {"fine_label_names": fine_names, "coarse_label_names": coarse_names})
+    _dump(d / "meta", {"fine_label_names": fine_names})
     out = {"fine_names": fine_names}
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         fine = [(7 * j + seed) % 100 for j in range(n)]
-        coarse = [f % 20 for f in fine]
         _dump(d / split, {
             "filenames": [f"{split}_{j}.png" for j in range(n)], "batch_label": f"{split} batch",
-            "fine_labels": fine, "coarse_labels": coarse, "data": _images(n, seed),
+            "fine_labels": fine, "data": _images(n, seed),
         })
-        out[split] = (fine, coarse)
+        out[split] = fine
     return out
 
 
@@ -84,7 +84,7 @@ def test_cifar10_shapes_dtypes_labels_and_classes(tmp_path):
     assert y.dtype == np.int64 and ty.dtype == np.int64
     assert y.tolist() == written["train_labels"] and ty.tolist() == written["test_labels"]
     assert ds["classes"] == written["names"]
-    assert ds["coarse"] is None
+    assert set(ds) == {"train", "test", "classes"}
     # Whole-array check of the layout: rows are R, G, B planes of 32x32, row-major.
     expected = written["train_data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(x, expected)
@@ -108,20 +108,16 @@ def test_pixel_layout_channel_plane_to_nhwc(tmp_path):
     assert int(batch2.sum()) == 201 + 17  # nothing else lit up (no transposed/mixed planes)
 
 
-def test_cifar100_fine_and_coarse_labels(tmp_path):
+def test_cifar100_fine_labels(tmp_path):
     written = write_cifar100(tmp_path)
     ds = load_cifar("cifar100", tmp_path, download=False, verify=False)
     x, y = ds["train"]
     tx, ty = ds["test"]
     assert x.shape == (10, 32, 32, 3) and tx.shape == (5, 32, 32, 3) and x.dtype == np.uint8
-    assert y.dtype == np.int64 and y.tolist() == written["train"][0]
-    assert ty.tolist() == written["test"][0]
+    assert y.dtype == np.int64 and y.tolist() == written["train"]
+    assert ty.tolist() == written["test"]
     assert ds["classes"] == written["fine_names"]
-    coarse = ds["coarse"]
-    assert coarse["train"].dtype == np.int64 and coarse["test"].dtype == np.int64
-    assert coarse["train"].tolist() == written["train"][1]
-    assert coarse["test"].tolist() == written["test"][1]
-    assert coarse["train"].tolist() != y.tolist()  # fine and coarse are not mixed up
+    assert set(ds) == {"train", "test", "classes"}
 
 
 def test_cache_written_and_second_load_equal(tmp_path):
@@ -135,7 +131,6 @@ def test_cache_written_and_second_load_equal(tmp_path):
         for a, b in zip(first[split], second[split]):
             np.testing.assert_array_equal(a, b)
             assert a.dtype == b.dtype
-        np.testing.assert_array_equal(first["coarse"][split], second["coarse"][split])
     assert second["classes"] == first["classes"]
     assert second["train"][0].flags["C_CONTIGUOUS"]
 
@@ -260,8 +255,8 @@ def test_malformed_batch_names_file(tmp_path, field, value, needle):
 def test_wrong_class_name_count_names_meta(tmp_path):
     write_cifar100(tmp_path)
     path = tmp_path / C100_DIR / "meta"
-    _dump(path, {"fine_label_names": ["a"] * 100, "coarse_label_names": ["b"] * 19})
-    with pytest.raises(DataError, match="coarse_label_names") as ei:
+    _dump(path, {"fine_label_names": ["a"] * 99})
+    with pytest.raises(DataError, match="fine_label_names") as ei:
         load_cifar("cifar100", tmp_path, download=False, verify=False)
     assert str(path) in str(ei.value)
 

@@ -22,7 +22,7 @@ def test_sweep_writes_every_field_for_six_depths(tmp_path):
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1,3,6,12,15,25", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
-    rows = result["depths"]
+    rows = result["rows"]
     assert [r["unfreeze"] for r in rows] == [1, 3, 6, 12, 15, 25]
     for row in rows:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()

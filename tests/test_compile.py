@@ -38,7 +38,7 @@ def test_every_variant_of_a_compiled_six_depth_sweep_is_compiled_alike(tmp_path)
     # --eval-batch-size differs from the training batch, and the last evaluation batch is partial (40 = 16+16+8)
     assert main([*TINY, "--unfreeze", "1,3,6,12,15,25", "--epochs", "1", "--eval-batch-size", "16",
                  "--out", str(out)]) == 0
-    rows = json.loads((out / "results.json").read_text())["depths"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["unfreeze-1", "unfreeze-3", "unfreeze-6", "unfreeze-12", "unfreeze-15",
                                             "unfreeze-25"]
     graphs = [r["compile_graphs"] for r in rows]
@@ -65,7 +65,7 @@ def test_batch_size_auto_trials_the_compiled_step(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     trials = doc["run"]["batch_size_search"]
     assert [t["batch_size"] for t in trials] == [16, 32, 64, 128]  # up to the 128 training images
-    (row,) = doc["depths"]
+    (row,) = doc["rows"]
     # each trial compiled its training step from a clean state, as the variant then did
     assert len(GRAPHS) == len(trials) + row["compile_graphs"] and row["compile_graphs"] == 1
     torch._dynamo.reset()

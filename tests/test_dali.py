@@ -6,15 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loader_helpers import CPU, MEAN, STD, decode, epoch, indexed, match_flip_shift
+from loader_helpers import MEAN, STD, decode, epoch, indexed, match_flip_shift, spec
 
 DaliLoader = pytest.importorskip("pipelines.dali", reason="NVIDIA DALI is not installed").DaliLoader
 
 
 def loader(images, labels, **kw) -> DaliLoader:
-    opts = dict(batch_size=32, train=False, image_size=32, mean=MEAN, std=STD, device=CPU, augment="none")
-    opts.update(kw)
-    return DaliLoader(images, labels, **opts)
+    return DaliLoader(images, labels, spec(**kw))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -35,9 +33,9 @@ def test_output_shape_dtype_and_channels_last(synth, size, train):
     assert x.device.type == "cpu"
 
 
-def test_half_is_ignored_on_cpu(synth):
+def test_fp16_is_ignored_on_cpu(synth):
     images, labels = synth
-    x, _ = next(iter(loader(images, labels, half=True)))
+    x, _ = next(iter(loader(images, labels, fp16=True)))
     assert x.dtype == torch.float32
 
 
@@ -234,7 +232,7 @@ def test_gpu_batches_are_prepared_while_torchs_stream_is_busy():
     from pipelines.synthetic import make_synthetic
     images, labels = make_synthetic(1024, 10, seed=5)
     gpu = torch.device("cuda")
-    batches = iter(loader(images, labels, device=gpu, train=True, augment="flip-crop", image_size=64, prefetch=2))
+    batches = iter(loader(images, labels, device=gpu, train=True, augment="flip-crop", image_size=64))
     next(batches)
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of spinning on torch's current stream

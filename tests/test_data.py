@@ -83,7 +83,7 @@ def test_seed_004_train_as_test_is_caught(tmp_path, unverified):
     out = tmp_path / "run"
     assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--eval-split", "test", "--out", str(out)]) == 1
     result = json.loads((out / "results.json").read_text())
-    row = result["depths"][0]
+    row = result["rows"][0]
     assert row["status"] == "overlap" and "accuracy withheld" in row["error"]
     assert row["top1"] is None and row["top5"] is None and row["acc_per_gpu_hour"] is None
     assert all("top1" not in h for h in row["history"])
@@ -96,7 +96,7 @@ def test_allow_overlap_reports_accuracy_anyway(tmp_path, unverified):
     out = tmp_path / "run"
     assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--eval-split", "test", "--allow-overlap",
                  "--out", str(out)]) == 0
-    row = json.loads((out / "results.json").read_text())["depths"][0]
+    row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["status"] == "ok" and row["top1"] is not None
 
 
@@ -105,10 +105,10 @@ def test_clean_cifar_split_reports_accuracy(tmp_path, unverified):
     out = tmp_path / "run"
     assert main([*RUN, "--data-dir", str(tmp_path / "data"), "--final", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["depths"][0]["status"] == "ok" and result["run"]["eval_overlap"] == 0
+    assert result["rows"][0]["status"] == "ok" and result["run"]["eval_overlap"] == 0
     assert result["run"]["train_images"] == 100 and result["run"]["eval_on"] == "test"  # --final: train + val
     assert result["run"]["classes"][:2] == ["c0", "c1"]
-    assert result["depths"][0]["loader_images_per_s"] > 0
+    assert result["rows"][0]["loader_images_per_s"] > 0
 
 
 def test_offline_cifar_is_one_line(tmp_path, capsys, monkeypatch):
@@ -159,17 +159,15 @@ def test_dali_missing_suggests_torch_loader(tmp_path, capsys, monkeypatch):
 
 
 def test_loader_benchmark_gives_a_positive_rate_for_each_loader(capsys):
-    import argparse
-
     import torch
 
-    from bench.config import get_args_parser
+    from bench.config import parse_config
     from bench.loaders import benchmark
     from bench.loaders import main as loaders_main
-    cfg = get_args_parser().parse_args(["--image-size", "32", "--batch-size", "32", "--workers", "0",
-                                        "--precision", "fp32", "--augment", "flip-crop"])
+    s = parse_config(["--image-size", "32", "--batch-size", "32", "--workers", "0",
+                      "--precision", "fp32", "--augment", "flip-crop"]).settings
     data = load_dataset("synthetic", num_classes=4, train_size=256, val_size=32, seed=0)
-    rows = benchmark(argparse.Namespace(**vars(cfg)), data.train, torch.device("cpu"))
+    rows = benchmark(s, data.train, torch.device("cpu"))
     assert [r["loader"] for r in rows] == ["dali", "torch", "torchvision"]
     assert all(r["loader_images_per_s"] > 0 and r["loader_batches"] > 0 for r in rows)
     # and the command itself prints the table
@@ -197,23 +195,20 @@ def test_loader_benchmark_without_dali_measures_the_others_and_writes_json(tmp_p
 
 
 def test_loader_benchmark_records_a_loader_that_fails_and_measures_the_next(monkeypatch):
-    import argparse
-
     import torch
 
-    import bench.sweep
-    from bench.config import get_args_parser
+    import bench.loaders
+    from bench.config import parse_config
     from bench.loaders import benchmark
-    real = bench.sweep.make_loader
+    real = bench.loaders.make_loader
 
-    def broken_torch_loader(cfg, *args, **kwargs):
-        if cfg.loader == "torch":
+    def broken_torch_loader(s, *args, **kwargs):
+        if s.data.loader == "torch":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(cfg, *args, **kwargs)
-    monkeypatch.setattr(bench.sweep, "make_loader", broken_torch_loader)
-    cfg = get_args_parser().parse_args(["--image-size", "32", "--batch-size", "32", "--workers", "0", "--precision", "fp32"])
+        return real(s, *args, **kwargs)
+    monkeypatch.setattr(bench.loaders, "make_loader", broken_torch_loader)
+    s = parse_config(["--image-size", "32", "--batch-size", "32", "--workers", "0", "--precision", "fp32"]).settings
     data = load_dataset("synthetic", num_classes=4, train_size=256, val_size=32, seed=0)
-    torch_row, torchvision_row = benchmark(argparse.Namespace(**vars(cfg)), data.train, torch.device("cpu"),
-                                           ("torch", "torchvision"))
+    torch_row, torchvision_row = benchmark(s, data.train, torch.device("cpu"), ("torch", "torchvision"))
     assert torch_row["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert torch_row["loader_images_per_s"] is None and torchvision_row["loader_images_per_s"] > 0

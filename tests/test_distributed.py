@@ -14,7 +14,6 @@ That row is only held to within 6 percentage points (measured: 2.7) and printed 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,10 +27,14 @@ import pytest
 import torch
 from loader_helpers import CPU, MEAN, STD
 
-from bench.distributed import Dist, bucket_cap_mb, data_shard, lr_for_world
+from bench.config import parse_config
+from bench.context import RunContext
+from bench.distributed import Dist, bucket_cap_mb
+from bench.errors import ConfigError
 from bench.parallel import check_config, combine_loader_speeds, merge_rank_rows
-from bench.variants import ConfigError
-from pipelines.loaders import shard, shard_size
+from bench.variant import variant_settings
+from bench.variants import Variant
+from pipelines.contract import LoaderSpec, shard, shard_size
 from pipelines.torch_loader import TorchLoader
 from pipelines.torchvision_loader import TorchvisionLoader
 
@@ -50,7 +53,7 @@ def make(kind: str, images, labels, **kw):
     if kind == "torchvision":
         opts["num_threads"] = 0
     opts.update(kw)
-    return loader_class(kind)(images, labels, **opts)
+    return loader_class(kind)(images, labels, LoaderSpec(**opts))
 
 
 def random_images(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,18 +176,20 @@ def test_bucket_size_follows_the_trainable_tail():
 
 
 def test_what_a_configuration_means_on_a_rank():
-    cfg = argparse.Namespace(rank=1, world_size=4, parallel="data", lr=0.1, lr_scale_world="linear",
-                             oom="fail", batch_size=32, feature_cache=False)
-    assert data_shard(cfg) == (1, 4) and lr_for_world(cfg).lr == pytest.approx(0.4)
-    assert lr_for_world(argparse.Namespace(**{**vars(cfg), "lr_scale_world": "sqrt"})).lr == pytest.approx(0.2)
-    spread = argparse.Namespace(**{**vars(cfg), "parallel": "variants"})
-    assert data_shard(spread) == (0, 1) and lr_for_world(spread).lr == 0.1  # one device per variant
-    assert data_shard(argparse.Namespace()) == (0, 1)  # a configuration made outside bench.run
-    check_config(cfg, Dist(1, 4))
+    s = parse_config(["--lr", "0.1", "--lr-scale-world", "linear", "--oom", "fail", "--batch-size", "32",
+                      "--no-feature-cache"]).settings
+    variant = Variant("unfreeze-1", "depth", {"unfreeze": 1})
+    ctx = RunContext(CPU, Dist(1, 4), "data")
+    assert ctx.shard == (1, 4) and variant_settings(s, variant, ctx).train.lr == pytest.approx(0.4)
+    assert variant_settings(s.replace(lr_scale_world="sqrt"), variant, ctx).train.lr == pytest.approx(0.2)
+    spread = RunContext(CPU, Dist(1, 4), "variants")
+    assert spread.shard == (0, 1) and variant_settings(s, variant, spread).train.lr == 0.1  # one device per variant
+    assert RunContext(CPU).shard == (0, 1)  # one process
+    check_config(s, Dist(1, 4))
     for bad in ({"oom": "retry"}, {"feature_cache": True}, {"batch_size": "auto"}):
         with pytest.raises(ConfigError):
-            check_config(argparse.Namespace(**{**vars(cfg), **bad}), Dist(1, 4))
-        check_config(argparse.Namespace(**{**vars(cfg), **bad, "parallel": "variants"}), Dist(1, 4))
+            check_config(s.replace(**bad), Dist(1, 4))
+        check_config(s.replace(**bad, parallel="variants"), Dist(1, 4))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     assert b["run"]["world_size"] == 2 and b["run"]["parallel"] == "data" and a["run"]["world_size"] == 1
     print(f"\n2 processes: {wall:.1f} s\n{'variant':<12} {'top-1 (1 proc)':>15} {'top-1 (2 procs)':>16} "
           f"{'val loss (1)':>13} {'val loss (2)':>13}")
-    for r1, r2 in zip(a["depths"], b["depths"], strict=True):
+    for r1, r2 in zip(a["rows"], b["rows"], strict=True):
         print(f"{r1['variant']:<12} {r1['top1']:>15.3f} {r2['top1']:>16.3f} {r1['history'][-1]['val_loss']:>13.5f} "
               f"{r2['history'][-1]['val_loss']:>13.5f}")
         assert r2["status"] == "ok" and r2["world_size"] == 2 and r2["global_batch_size"] == 64
@@ -236,13 +241,13 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
         assert len(r2["peak_mem_bytes_per_rank"]) == 2 and r2["peak_mem_bytes"] == max(r2["peak_mem_bytes_per_rank"])
         assert r2["images_per_s"] == pytest.approx(sum(r2["images_per_s_per_rank"]), rel=1e-3)
         assert r2["gpu_hours"] == pytest.approx(r2["wall_s"] * 2 / 3600, rel=1e-2)
-    exact, bn = b["depths"][0], a["depths"][0]
+    exact, bn = b["rows"][0], a["rows"][0]
     assert (exact["top1"], exact["top5"]) == (bn["top1"], bn["top5"])
     for h1, h2 in zip(bn["history"], exact["history"], strict=True):
         assert h2["val_loss"] == pytest.approx(h1["val_loss"], rel=1e-4)
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
     assert exact["top1"] > 15.0  # the head learned (chance is 10 %): the comparison is not of two guesses
-    assert abs(b["depths"][1]["top1"] - a["depths"][1]["top1"]) <= 6.0  # per-rank BatchNorm statistics
+    assert abs(b["rows"][1]["top1"] - a["rows"][1]["top1"]) <= 6.0  # per-rank BatchNorm statistics
 
 
 @pytest.mark.slow
@@ -252,7 +257,7 @@ def test_parallel_variants_writes_every_row_once(tmp_path):
                           "--parallel", "variants", "--evaluate-best", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = results(out)
-    rows = doc["depths"]
+    rows = doc["rows"]
     assert [r["variant"] for r in rows] == ["unfreeze-1", "unfreeze-3", "unfreeze-6"]
     assert all(r["status"] == "ok" and r["world_size"] == 1 for r in rows)
     assert {r["rank"] for r in rows} == {0, 1}  # both ranks trained
@@ -283,7 +288,7 @@ def test_a_failing_rank_stops_every_rank_and_resume_finishes(tmp_path, failing):
     print(f"\nrank {failing} raised; torchrun exited {done.returncode} {stopped_after:.1f} s later ({wall:.1f} s in all)")
     assert stopped_after < 30  # far below the 600 s process-group timeout: no rank hung
     assert f"rank {failing}: variant unfreeze-1: error: RuntimeError: injected failure" in log  # the failing rank's message
-    assert not any(r["status"] == "ok" for r in results(out)["depths"])
+    assert not any(r["status"] == "ok" for r in results(out)["rows"])
     if failing == 0:
         return
     # --resume: refused on one process (the rows were trained on 2 devices each), finished under torchrun
@@ -291,5 +296,5 @@ def test_a_failing_rank_stops_every_rank_and_resume_finishes(tmp_path, failing):
     assert refused.returncode == 2 and "trained on 2 device(s) each" in refused.stderr
     done, _ = torchrun("-m", "bench.run", *args, "--resume", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = results(out)["depths"]
+    rows = results(out)["rows"]
     assert [(r["variant"], r["status"], r["world_size"]) for r in rows] == [("unfreeze-1", "ok", 2), ("unfreeze-3", "ok", 2)]

@@ -18,11 +18,10 @@ from bench.checkpoint import (
 )
 from bench.config import parse_config
 from bench.evaluate import evaluate_model, main
-from bench.run import load_splits
-from bench.sweep import make_loader
+from bench.inputs import load_splits, make_loader
 from bench.train import Trainer, make_optimizer, make_scheduler
 from models import build_model
-from pipelines import NORMALIZE, loader_class
+from pipelines import NORMALIZE, LoaderSpec, loader_class
 from pipelines.synthetic import make_synthetic
 
 # The smoke preset in miniature: resnet18, 10 synthetic classes, 32 px, fp32, the torch loader.
@@ -35,15 +34,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory):
     """A model trained a few steps as the sweep trains it, the harness's evaluation of it, and its
     checkpoint at the harness's place: <run>/checkpoints/<variant>.pt."""
-    cfg = parse_config(FLAGS)
+    cfg = parse_config(FLAGS).settings
     data, train, evaluation = load_splits(cfg)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(cfg.model, data.num_classes, None, cfg.head).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum, device=device)
-    scheduler = make_scheduler(cfg.scheduler, optimizer, total_steps=8, steps_per_epoch=8, step_size=1, gamma=0.1)
-    trainer = Trainer(model, device=device, precision=cfg.precision, compile=False, compile_mode=None,
+    model = build_model(cfg.model.model, data.num_classes, None, cfg.model.head).to(memory_format=torch.channels_last)
+    t = cfg.train
+    optimizer = make_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                               momentum=t.momentum, device=device)
+    scheduler = make_scheduler(t.scheduler, optimizer, total_steps=8, steps_per_epoch=8, step_size=1, gamma=0.1)
+    trainer = Trainer(model, device=device, precision=cfg.speed.precision, compile=False, compile_mode=None,
                       optimizer=optimizer, scheduler=scheduler)
     trainer.train_epoch(make_loader(cfg, train, device, train=True), max_steps=8)
     harness = trainer.evaluate(make_loader(cfg, evaluation, device, train=False), data.num_classes)
@@ -52,7 +52,7 @@ def run(tmp_path_factory):
     row = {"variant": "unfreeze-all", "kind": "depth", "unfreeze": "all", "unit": "module", "status": "ok",
            "top1": round(harness.top1, 3), "top5": round(harness.top5, 3), "epochs": 1, "steps": 8,
            "history": [{"epoch": 1}]}
-    save_checkpoint(ckpt, model, settings=vars(cfg), row=row, classes=data.classes)
+    save_checkpoint(ckpt, model, settings=cfg.study(), row=row, classes=data.classes)
     return argparse.Namespace(cfg=cfg, data=data, evaluation=evaluation, model=model, trainer=trainer,
                               harness=harness, root=root, ckpt=ckpt)
 
@@ -140,7 +140,7 @@ def test_predictions_grid_follows_the_seed(run, evaluated, tmp_path):
 
 
 def test_bf16_channels_last_matches_the_trainer(run, tmp_path):
-    cfg = argparse.Namespace(**{**vars(run.cfg), "precision": "bf16", "eval_batch_size": 48})
+    cfg = run.cfg.replace(precision="bf16", eval_batch_size=48)
     trainer = Trainer(run.model, device=torch.device("cpu"), precision="bf16", compile=False, compile_mode=None,
                       optimizer=run.trainer.optimizer, scheduler=run.trainer.scheduler)
     expected = trainer.evaluate(make_loader(cfg, run.evaluation, torch.device("cpu"), train=False), 10)
@@ -162,9 +162,9 @@ def test_every_loader_keeps_the_split_order_for_evaluation(loader, workers):
     mean, std = NORMALIZE["cifar"]
     expected = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
                 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    batches = loader_class(loader)(images, labels, batch_size=32, train=False, image_size=32, mean=mean, std=std,
-                                   device=torch.device("cpu"), augment="flip-crop", half=False, seed=3,
-                                   num_threads=workers)
+    batches = loader_class(loader)(images, labels, LoaderSpec(batch_size=32, train=False, image_size=32, mean=mean,
+                                                              std=std, device=torch.device("cpu"), augment="flip-crop",
+                                                              seed=3, num_threads=workers))
     for _ in range(2):
         xs, ys = zip(*[(x.float().clone(), y.clone()) for x, y in batches])
         assert [len(y) for y in ys] == [32, 32, 32, 4]
@@ -263,7 +263,7 @@ def test_a_run_keeps_its_checkpoints_and_evaluate_reproduces_each_top1(tmp_path,
     assert run_main(["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "128", "--batch-size", "32",
                      "--epochs", "1", "--workers", "1", "--loader", "torch", "--unfreeze", "1,3",
                      "--save-checkpoint", "--no-evaluate-best", "--out", str(out)]) == 0
-    rows = json.loads((out / "results.json").read_text())["depths"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     best = max(rows, key=lambda r: r["top1"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "unfreeze-1.pt", "unfreeze-3.pt"]
     for name, row in [("best.pt", best), *((f"{r['variant']}.pt", r) for r in rows)]:

@@ -12,6 +12,7 @@ from bench.feature_cache import CacheTooLarge, build_cache
 from models import apply_unfreeze, build_model, set_train_mode
 from models.split import split_frozen
 from pipelines import NORMALIZE
+from pipelines.contract import LoaderSpec
 from pipelines.synthetic import make_synthetic
 from pipelines.torch_loader import TorchLoader
 
@@ -22,8 +23,8 @@ N, CLASSES, SIZE = 48, 10, 64  # 64 px: layer4 is 2 x 2, so channels_last featur
 def data():
     images, labels = make_synthetic(N, CLASSES, seed=3)
     mean, std = NORMALIZE["imagenet"]
-    loader = TorchLoader(images, labels, batch_size=20, train=False, image_size=SIZE, mean=mean, std=std,
-                         device=torch.device("cpu"), augment="none")
+    loader = TorchLoader(images, labels, LoaderSpec(batch_size=20, train=False, image_size=SIZE, mean=mean, std=std,
+                                                    device=torch.device("cpu")))
     batches = list(loader)  # evaluation order: 20, 20, 8 images
     return loader, torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 

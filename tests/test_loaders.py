@@ -8,17 +8,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loader_helpers import CPU, MEAN, PAD, STD, decode, epoch, indexed, levels, match_flip_shift
+from loader_helpers import MEAN, PAD, STD, decode, epoch, indexed, levels, match_flip_shift, spec
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines import torch_loader as T
 from pipelines.augment import AUGMENT_SPECS, AUGMENTS, NORMALIZE, Augment
+from pipelines.contract import batch_count, epoch_order, epoch_seed, shard, shard_size
 from pipelines.synthetic import make_synthetic
 from pipelines.torch_loader import TorchLoader
 from pipelines.torchvision_loader import TorchvisionLoader, build_transform
 
 NEW = {"torch": TorchLoader, "torchvision": TorchvisionLoader}
+KINDS = ("dali", *NEW)
 
 
 def dali_class():
@@ -27,12 +29,9 @@ def dali_class():
 
 def make(kind: str, images, labels, **kw):
     """A loader with the test defaults; torchvision transforms in the main process (2 CPU cores)."""
-    opts = dict(batch_size=32, train=False, image_size=32, mean=MEAN, std=STD, device=CPU, augment="none")
-    if kind == "torchvision":
-        opts["num_threads"] = 0
-    opts.update(kw)
+    opts = {"num_threads": 0} if kind == "torchvision" else {}
     cls = dali_class() if kind == "dali" else NEW[kind]
-    return cls(images, labels, **opts)
+    return cls(images, labels, spec(**{**opts, **kw}))
 
 
 def first(dl) -> torch.Tensor:
@@ -71,9 +70,9 @@ def test_output_shape_dtype_and_channels_last(kind, synth, size, train):
 
 
 @pytest.mark.parametrize("kind", NEW)
-def test_half_is_ignored_on_cpu(kind, synth):
+def test_fp16_is_ignored_on_cpu(kind, synth):
     images, labels = synth
-    assert first(make(kind, images, labels, half=True)).dtype == torch.float32
+    assert first(make(kind, images, labels, fp16=True)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", NEW)
@@ -129,6 +128,48 @@ def test_train_order_is_reproducible_from_seed_epoch_by_epoch(kind):
     a, b, c = orders(1), orders(1), orders(2)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not any(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_batch_count():
+    assert [batch_count(n, 32, drop_last=True) for n in (0, 31, 32, 100)] == [0, 0, 1, 3]
+    assert [batch_count(n, 32, drop_last=False) for n in (0, 31, 32, 100)] == [0, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (0, 3), (1, 3), (2, 3)])
+def test_len_is_batch_count_of_the_shard(kind, train, rank, world_size):
+    # 100 images in batches of 11 over 3 ranks: evaluation shards of 34, 33, 33 images give 4, 3, 3
+    # batches, training shards of 33 give 3; a single process gets 10 (evaluation) or 9 (training).
+    images, labels = indexed(100)
+    dl = make(kind, images, labels, batch_size=11, train=train, rank=rank, world_size=world_size)
+    expected = batch_count(shard_size(100, rank, world_size, even=train), 11, drop_last=train)
+    assert len(dl) == expected
+    assert len(epoch(dl)) == expected
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 3)])
+def test_dali_and_torchvision_read_the_same_epoch_order(rank, world_size):
+    images, labels = indexed(96)  # 96 = 3 ranks x 32: training drops nothing
+
+    def orders(kind):
+        dl = make(kind, images, labels, train=True, seed=7, rank=rank, world_size=world_size)
+        return [torch.cat([y for _, y in dl]).numpy() for _ in range(2)]
+
+    dali, torchvision = orders("dali"), orders("torchvision")
+    for e in range(2):
+        expected = shard(epoch_order(96, 7, e), rank, world_size, even=True)
+        np.testing.assert_array_equal(dali[e], expected)
+        np.testing.assert_array_equal(torchvision[e], expected)
+    assert not np.array_equal(dali[0], dali[1])
+
+
+def test_torch_order_is_a_device_generator_seeded_with_epoch_seed():
+    images, labels = indexed(96)
+    dl = make("torch", images, labels, train=True, seed=7)
+    for e in range(2):
+        expected = torch.randperm(96, generator=torch.Generator().manual_seed(epoch_seed(7, e)))
+        assert torch.equal(torch.cat([y for _, y in dl]), expected)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,7 +436,6 @@ TORCHVISION_HEAVY_MEAN_BIAS = 3.5  # extra mean tolerance for torchvision in hea
 # result; measured 0.50) and torchvision's uint8 resize rounds in fixed point (measured <= 1.0 level, a +0.24
 # level mean bias at 2x). Hence 1 grey level (0.02 in CIFAR-normalised units).
 EVAL_TOL = {32: 0.01, 64: 1.0 + 1e-3}
-KINDS = ("dali", "torch", "torchvision")
 CIFAR_MEAN, CIFAR_STD = NORMALIZE["cifar"]
 
 

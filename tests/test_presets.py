@@ -1,12 +1,14 @@
 """Every seed project as a preset: its plan matches the seed's facts, and it runs end to end with --smoke."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from bench.config import parse_config, profile_names, setting_names
+from bench.config import parse_config, profile_names
 from bench.run import main
-from bench.sweep import EarlyStopping, plan_variants
+from bench.sweep import plan_variants
 from bench.train import EvalStats
+from bench.variant import EarlyStopping
 from bench.variants import make_variants
 from pipelines import num_classes
 
@@ -14,10 +16,16 @@ PRESETS = ["seed000-layerwise", "seed001-three-ways", "seed002-cnn-vs-frozen", "
 
 
 def plan(name: str, *flags: str):
-    cfg = parse_config(["--profile", name, *flags])
-    variants = make_variants(cfg, setting_names())
-    plans = plan_variants(cfg, variants, num_classes(cfg.dataset, cfg.num_classes))
-    return cfg, variants, plans
+    """(every setting by name, the variants, their plans)."""
+    invocation = parse_config(["--profile", name, *flags])
+    s = invocation.settings
+    variants = make_variants(s, invocation.given)
+    plans = plan_variants(s, variants, num_classes(s.data.dataset, s.data.num_classes))
+    return flat(s), variants, plans
+
+
+def flat(s) -> SimpleNamespace:
+    return SimpleNamespace(**s.flat(), settings=s)
 
 
 def test_every_seed_has_a_preset():
@@ -48,13 +56,14 @@ def test_seed001_three_ways_plan():
     shallow, deep, scratch = plans
     assert shallow["trainable_layers"] == ["fc"]
     assert deep["trainable_layers"] == ["fc", "layer4"]
-    assert scratch["trainable_params"] == scratch["total_params"] and variants[2].apply(cfg).weights == "none"
+    assert scratch["trainable_params"] == scratch["total_params"] and flat(variants[2].apply(cfg.settings)).weights == "none"
 
 
 def test_seed002_cnn_vs_frozen_plan():
     cfg, variants, plans = plan("seed002-cnn-vs-frozen")
     assert cfg.dataset == "cifar10"
-    runs = [(v.apply(cfg).model, v.apply(cfg).epochs, p["trainable_layers"]) for v, p in zip(variants, plans)]
+    runs = [(flat(v.apply(cfg.settings)).model, flat(v.apply(cfg.settings)).epochs, p["trainable_layers"])
+            for v, p in zip(variants, plans)]
     assert runs[0][:2] == ("simple_cnn", 20) and plans[0]["trainable_params"] == plans[0]["total_params"]
     assert [r[:2] for r in runs[1:]] == [("resnet18", 20), ("resnet18", 50), ("resnet18", 100)]
     assert all(r[2] == ["fc"] for r in runs[1:])  # convolutions frozen, only the classifier trains
@@ -82,7 +91,7 @@ def test_every_preset_runs_end_to_end_in_miniature(name, tmp_path):
     out = tmp_path / "run"
     assert main(["--profile", name, "--smoke", "--device", "cpu", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    rows = doc["depths"]
+    rows = doc["rows"]
     assert rows and all(r["status"] == "ok" for r in rows)
     assert doc["run"]["dataset"] == "synthetic" and doc["run"]["image_size"] == 32
     names = [r["variant"] for r in rows]
@@ -141,7 +150,7 @@ def test_early_stopping_stops_a_run_whose_validation_stalls(tmp_path):
     assert main(["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32",
                  "--workers", "1", "--unfreeze", "1", "--epochs", "8", "--lr", "0", "--early-stop", "2",
                  "--out", str(out)]) == 0
-    row = json.loads((out / "results.json").read_text())["depths"][0]
+    row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["epochs"] == 3 and row["stopped_early"]
 
 
@@ -149,7 +158,7 @@ def test_epoch_budgets_and_train_accuracy(tmp_path):
     out = tmp_path / "run"
     assert main(["--profile", "smoke", "--device", "cpu", "--train-size", "128", "--val-size", "64", "--batch-size", "32", "--workers", "1",
                  "--unfreeze", "3", "--epoch-budgets", "1,2", "--train-acc", "--out", str(out)]) == 0
-    rows = json.loads((out / "results.json").read_text())["depths"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["variant"], r["kind"], r["epochs"]) for r in rows] == [("epochs-1", "epochs", 1), ("epochs-2", "epochs", 2)]
     assert all("train_top1" in h for r in rows for h in r["history"]) and rows[1]["train_acc_s"] > 0
 
@@ -159,6 +168,6 @@ def test_seed000_with_train_acc_scores_the_cached_training_features(tmp_path):
     out = tmp_path / "run"
     assert main(["--profile", "seed000-layerwise", "--smoke", "--device", "cpu", "--unfreeze", "1,3", "--train-acc",
                  "--no-evaluate-best", "--out", str(out)]) == 0
-    rows = json.loads((out / "results.json").read_text())["depths"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]  # two depths and the final retraining
     assert all(0 <= r["history"][-1]["train_top1"] <= 100 and r["train_acc_s"] > 0 for r in rows)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bench.sweep
+import bench.variant
 from bench.run import main
 from bench.train import Trainer
 
@@ -42,7 +43,7 @@ def test_oom_fails_the_variant_with_its_batch_size(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", oom_above(16))
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 1
-    rows = results(out)["depths"]
+    rows = results(out)["rows"]
     assert [r["status"] for r in rows] == ["oom", "oom"]  # the sweep went on after the first
     assert rows[0]["batch_size"] == 32 and "batch size 32" in rows[0]["error"]
 
@@ -52,7 +53,7 @@ def test_oom_retry_halves_the_batch_until_it_fits(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1", "--oom", "retry", "--oom-scale-lr", "--lr", "0.004",
                  "--out", str(out)]) == 0
-    row = results(out)["depths"][0]
+    row = results(out)["rows"][0]
     assert row["status"] == "ok" and row["batch_size"] == 8 and row["oom_batch_sizes"] == [32, 16]
     assert row["lr"] == pytest.approx(0.001)  # scaled with the batch: 0.004 * 8 / 32
 
@@ -61,19 +62,20 @@ def test_oom_retry_counts_cudnn_and_cublas_allocation_failures_as_out_of_memory(
     monkeypatch.setattr(Trainer, "step", oom_above(16, RuntimeError, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED ({})"))
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1", "--oom", "retry", "--out", str(out)]) == 0
-    row = results(out)["depths"][0]
+    row = results(out)["rows"][0]
     assert row["status"] == "ok" and row["batch_size"] == 16 and row["oom_batch_sizes"] == [32]
 
 
 def test_no_model_survives_into_the_next_variant(tmp_path, monkeypatch):
     built = []
-    real_build = bench.sweep.build_model
+    real_build = bench.variant.build_model
 
     def tracking_build(*args, **kwargs):
         model = real_build(*args, **kwargs)
         built.append(weakref.ref(model))
         return model
     monkeypatch.setattr(bench.sweep, "build_model", tracking_build)
+    monkeypatch.setattr(bench.variant, "build_model", tracking_build)
     monkeypatch.setattr(Trainer, "step", oom_above(16))  # the failing path must release memory too
     assert main([*TINY, "--unfreeze", "1,3", "--out", str(tmp_path / "run")]) == 1
     gc.collect()
@@ -90,7 +92,7 @@ def test_nan_stops_the_variant_at_the_step_it_happened(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step)
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 1
-    rows = results(out)["depths"]
+    rows = results(out)["rows"]
     assert [r["status"] for r in rows] == ["nan", "nan"] and rows[0]["nan_step"] == 3
     assert "step 3" in rows[0]["error"]
 
@@ -101,7 +103,7 @@ def test_same_seed_same_losses():
     def losses(seed):
         out = Path(os.environ["PYTEST_TMP"]) / f"seed{seed}-{time.monotonic_ns()}"
         assert main([*TINY, "--epochs", "2", "--unfreeze", "3", "--seed", str(seed), "--out", str(out)]) == 0
-        return [h["train_loss"] for h in results(out)["depths"][0]["history"]]
+        return [h["train_loss"] for h in results(out)["rows"][0]["history"]]
     first, again, other = losses(1), losses(1), losses(2)
     assert first == pytest.approx(again, rel=1e-6)
     assert first != pytest.approx(other, rel=1e-3)
@@ -130,7 +132,7 @@ def test_resume_reads_a_schema_2_run_and_adds_its_wall_time(tmp_path):
     assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 0
     doc = results(out)
     # as schema 2 wrote it: no --compile-backend setting, no whole-run time; the second variant unfinished
-    doc["schema_version"], doc["depths"] = 2, doc["depths"][:1]
+    doc["schema_version"], doc["depths"] = 2, doc.pop("rows")[:1]
     for key in ("compile_backend", "wall_s", "device_hours", "tf32"):
         doc["run"].pop(key)
     doc["run"]["wall_s"] = 1000.0  # the earlier process's time
@@ -168,7 +170,7 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypat
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put Python's back
     finally:
         signal.signal(signal.SIGINT, launched_with)
-    assert [r["status"] for r in results(out)["depths"]] == ["ok", "interrupted"]
+    assert [r["status"] for r in results(out)["rows"]] == ["ok", "interrupted"]
 
 
 def _default_sigint() -> None:
@@ -188,7 +190,7 @@ def _wait_for_rows(out: Path, n: int, proc, timeout=180.0):
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            if len(results(out)["depths"]) >= n:
+            if len(results(out)["rows"]) >= n:
                 return
         except (OSError, ValueError):
             pass
@@ -211,14 +213,14 @@ def test_signal_mid_sweep_then_resume_finishes_only_the_rest(tmp_path, sig, code
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-3000:]
     saved = results(out)  # valid JSON whatever the moment
-    finished = [r for r in saved["depths"] if r["status"] == "ok"]
+    finished = [r for r in saved["rows"] if r["status"] == "ok"]
     assert finished and finished[0]["variant"] == "unfreeze-1"
     if status:
-        assert saved["depths"][-1]["status"] == status
+        assert saved["rows"][-1]["status"] == status
     resumed = subprocess.run([sys.executable, "-m", "bench.run", *SLOW_SWEEP, "--resume", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    rows = results(out)["depths"]
+    rows = results(out)["rows"]
     assert [r["variant"] for r in rows] == ["unfreeze-1", "unfreeze-3", "unfreeze-6", "unfreeze-12"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0] == {**finished[0]}  # kept as it was, not rerun
@@ -281,14 +283,14 @@ def test_schema_validator_rejects_what_it_should():
                                                      "variants": [], "world_size": 1, "ceiling_tflops": 1.0,
                                                      "tf32": {}, "wall_s": 1.0, "device_hours": 0.0003,
                                         "env": {k: "" for k in ("python", "torch", "torchvision", "dali", "cuda",
-                                                                "device", "device_count")}}, "depths": []}
+                                                                "device", "device_count")}}, "rows": []}
     assert validate_results(out) == []
     assert validate_results({**out, "schema_version": 0}) == ["schema_version is 0"]
     bad_row = {"variant": "v", "kind": "depth", "unfreeze": 1, "unit": "module", "trainable_params": 1,
                "trainable_tensors": 1, "trainable_layers": [], "status": "ok", "error": None}
-    errors = validate_results({**out, "depths": [bad_row]})
+    errors = validate_results({**out, "rows": [bad_row]})
     assert any("missing 'images_per_s'" in e for e in errors) and any("needs top1" in e for e in errors)
-    assert any("status 'weird'" in e for e in validate_results({**out, "depths": [{**bad_row, "status": "weird"}]}))
+    assert any("status 'weird'" in e for e in validate_results({**out, "rows": [{**bad_row, "status": "weird"}]}))
     # a throughput row is ok without accuracy; a training row is not
     throughput = {**bad_row, "mode": "throughput", "top1": None}
-    assert not any("needs top1" in e for e in validate_results({**out, "depths": [throughput]}))
+    assert not any("needs top1" in e for e in validate_results({**out, "rows": [throughput]}))

@@ -1,6 +1,5 @@
 """The speed features on the CPU: throughput mode, FLOPs and MFU in every row, the frozen trunk split
 off, and the feature cache, each against the plain path it replaces."""
-import argparse
 import json
 import time
 
@@ -14,7 +13,7 @@ TINY = ["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-s
 
 
 def rows(out):
-    return json.loads((out / "results.json").read_text())["depths"]
+    return json.loads((out / "results.json").read_text())["rows"]
 
 
 def test_throughput_mode_times_steps_without_evaluating(tmp_path):
@@ -105,7 +104,7 @@ def test_batch_size_auto_is_found_once_and_used_by_every_variant(tmp_path, capsy
     chosen, trials = doc["run"]["batch_size"], doc["run"]["batch_size_search"]
     assert isinstance(chosen, int) and chosen in [t["batch_size"] for t in trials]
     assert trials[-1]["batch_size"] == 256  # doubling stops at the training set (256 images)
-    assert all(r["batch_size"] == chosen for r in doc["depths"])
+    assert all(r["batch_size"] == chosen for r in doc["rows"])
     assert f"-> batch {chosen}" in capsys.readouterr().out
 
 
@@ -134,14 +133,15 @@ def test_compiled_evaluation_pads_the_last_batch_instead_of_recompiling():
 
 
 def test_data_wait_is_the_idle_share_of_the_timed_steps_only():
-    from bench.sweep import summarise
+    from bench.config import parse_config
+    from bench.variant import summarise
     from bench.train import EpochStats
 
-    cfg = argparse.Namespace(warmup_steps=2, batch_size=10, eval_batch_size=None, compile=False)
+    train = parse_config(["--warmup-steps", "2", "--batch-size", "10"]).settings.train
     # 6 steps of 10 ms; the two warm-up steps waited 90 ms each for input, the timed ones 2 ms
     step_ms, idle_ms = [100.0, 100.0, 10.0, 10.0, 10.0, 10.0], [90.0, 90.0, 2.0, 2.0, 2.0, 2.0]
     epochs = [(EpochStats(loss=1.0, images=60, step_ms=step_ms, idle_ms=idle_ms, wall_s=0.24), None)]
-    assert summarise(cfg, epochs)["data_wait_pct"] == 20.0
+    assert summarise(train, False, epochs)["data_wait_pct"] == 20.0
 
 
 def test_data_wait_shows_a_slow_loader():

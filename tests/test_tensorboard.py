@@ -41,7 +41,7 @@ def traced_run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_variant_leaves_a_trace_that_is_read_back(traced_run):
     doc = json.loads((traced_run / "results.json").read_text())
-    for row in doc["depths"]:
+    for row in doc["rows"]:
         files = list((traced_run / "traces" / row["variant"]).glob("rank0.*.pt.trace.json.gz"))
         assert len(files) == 1 and 0 < files[0].stat().st_size < 20 * 2**20
         summary = row["trace"]

@@ -101,17 +101,16 @@ def test_run_too_short_to_trace_warns_and_finishes(tmp_path, recwarn):
     out = tmp_path / "run"
     assert main([*TINY, "--trace", "--max-steps", "1", "--out", str(out)]) == 0
     assert any("too few to trace" in str(w.message) for w in recwarn)
-    row = json.loads((out / "results.json").read_text())["depths"][0]
+    row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["status"] == "ok" and "trace" not in row
 
 
 def test_traced_steps_are_left_out_of_the_throughput_figures():
-    import argparse
-
-    from bench.sweep import summarise
+    from bench.config import parse_config
+    from bench.variant import summarise
     from bench.train import EpochStats, EvalStats
 
-    cfg = argparse.Namespace(warmup_steps=2, batch_size=10, eval_batch_size=None, compile=False)
+    train = parse_config(["--warmup-steps", "2", "--batch-size", "10"]).settings.train
     # 12 steps of 10 ms; the profiler's window (steps 2..5) takes 500 ms each
     step_ms = [10.0] * 12
     window = TraceWindow(wait=2, warmup=1, active=3)
@@ -119,6 +118,6 @@ def test_traced_steps_are_left_out_of_the_throughput_figures():
         step_ms[i] = 500.0
     epochs = [(EpochStats(loss=1.0, images=120, step_ms=step_ms, idle_ms=[0.0] * len(step_ms), wall_s=3.0),
                EvalStats(1.0, 50.0, 90.0, 20, [5.0, 5.0], 0.01))]
-    traced = summarise(cfg, epochs, exclude=window.steps)
+    traced = summarise(train, False, epochs, exclude=window.steps)
     assert traced["step_ms_median"] == 10.0 and traced["images_per_s"] == 1000.0
-    assert summarise(cfg, epochs)["images_per_s"] < 100  # the same steps counted: the figure collapses
+    assert summarise(train, False, epochs)["images_per_s"] < 100  # the same steps counted: the figure collapses

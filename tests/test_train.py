@@ -1,5 +1,5 @@
 """Tests for the synthetic dataset, bench.train (Trainer, optimizers, schedulers) and a short real
-training run through bench.sweep.run_variant on the CPU."""
+training run through bench.variant.VariantRun on the CPU."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from bench.config import get_args_parser
-from bench.sweep import run_variant
+from bench.config import parse_config
+from bench.context import RunContext
 from bench.train import Trainer, make_optimizer, make_scheduler
+from bench.variant import VariantRun
 from bench.variants import Variant
 from models import apply_unfreeze, build_model, set_train_mode
-from pipelines import load_dataset
+from pipelines import LoaderSpec, load_dataset
 from pipelines.dali import DaliLoader
 from pipelines.synthetic import make_synthetic
 
@@ -157,8 +158,8 @@ def _trainer(precision: str, depth="all", lr=2e-3):
 
 def _eval_loader(split, batch_size=32):
     images, labels = split
-    return DaliLoader(images, labels, batch_size=batch_size, train=False, image_size=32,
-                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=CPU, augment="none")
+    return DaliLoader(images, labels, LoaderSpec(batch_size=batch_size, train=False, image_size=32,
+                                                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=CPU))
 
 
 def test_trainer_step_bf16_on_cpu(small_data):
@@ -218,8 +219,8 @@ def test_trainer_evaluate_top5_is_100_with_few_classes():
 def test_train_epoch_respects_max_steps_and_next_epoch_is_whole(small_data):
     trainer, _, _ = _trainer("fp32", depth=1)
     (images, labels), _ = small_data
-    loader = DaliLoader(images, labels, batch_size=32, train=True, image_size=32, mean=(0.5,) * 3,
-                        std=(0.25,) * 3, device=CPU, augment="none")
+    loader = DaliLoader(images, labels, LoaderSpec(batch_size=32, train=True, image_size=32, mean=(0.5,) * 3,
+                                                   std=(0.25,) * 3, device=CPU))
     stats = trainer.train_epoch(loader, max_steps=3)
     assert stats.images == 96 and trainer.steps_done == 3 and len(stats.step_ms) == 3
     assert math.isfinite(stats.loss)
@@ -234,16 +235,15 @@ def test_train_epoch_respects_max_steps_and_next_epoch_is_whole(small_data):
 def test_short_training_learns_synthetic_classes():
     torch.manual_seed(0)
     data = load_dataset("synthetic", num_classes=10, train_size=1024, val_size=512, seed=0)
-    cfg = get_args_parser().parse_args([
+    s = parse_config([
         "--model", "resnet18", "--weights", "none", "--dataset", "synthetic", "--num-classes", "10",
         "--train-size", "1024", "--val-size", "512", "--image-size", "32", "--epochs", "3",
         "--batch-size", "64", "--optimizer", "adam", "--lr", "2e-3", "--precision", "fp32",
         "--device", "cpu", "--workers", "2", "--no-compile",
-    ])
-    cfg.devices_used = 1
+    ]).settings
     variant = Variant("unfreeze-all", "depth", {"unfreeze": "all"})
-    row = run_variant(variant.apply(cfg), variant, (data.train, data.val), data.num_classes,
-                      {("resnet18", "none"): None}, CPU)
+    row = VariantRun(variant.apply(s), RunContext(CPU), variant, (data.train, data.val), data.num_classes,
+                     {("resnet18", "none"): None}).run()
     assert row["status"] == "ok"
     assert row["epochs"] == 3 and row["steps"] == 3 * (1024 // 64)
     assert row["unfreeze"] == "all"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import re
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.args import Parser, positive_float
 from bench.suite.probe import nvidia_smi, probe
 from bench.suite.runner import BUDGET_S, TRACE_CAP_MB, run_suite
 from bench.suite.steps import GPU, REHEARSAL, STEPS, Suite
@@ -28,22 +28,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-class Parser(argparse.ArgumentParser):
-    """bench.config's Parser, without importing the training stack it sits in (1.3 s a start)."""
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, not the whole usage
-
-
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m bench.suite", formatter_class=HelpFormatter,
                description="The standard GPU benchmark in one command: every step a subprocess with its own "
@@ -52,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("suite")
     g.add_argument("--out", default=None,
                    help="output folder, new or empty (default: results/<device>/<UTC date>/, -2, -3 ... when taken)")
-    g.add_argument("--budget", type=positive, default=None,
+    g.add_argument("--budget", type=positive_float, default=None,
                    help=f"seconds for the whole suite; a step whose time limit no longer fits is skipped (default: "
                         f"{BUDGET_S['gpu']:g} on the GPU, {BUDGET_S['rehearsal']:g} with --rehearse)")
     g.add_argument("--steps", default=None, help="comma-separated steps to run, in the suite's order (default: all; "
@@ -64,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--timm-benchmark", default=None, metavar="PATH",
                    help="timm's benchmark.py (from a pytorch-image-models checkout; not in the timm package); "
                         "without it the timm step is skipped")
-    g.add_argument("--max-trace-mb", type=positive, default=TRACE_CAP_MB,
+    g.add_argument("--max-trace-mb", type=positive_float, default=TRACE_CAP_MB,
                    help="profiler traces kept in the folder, MB in all; past it a variant's trace is dropped")
     g = p.add_argument_group("internal")
     g.add_argument("--probe", default=None, metavar="FILE",

@@ -7,6 +7,8 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from bench.schema import saved_rows
+
 RUN_FIELDS = ("model", "image_size", "batch_size", "precision", "loader", "channels_last", "compile",
               "ceiling_tflops", "ceiling_dtype", "tf32", "loader_images_per_s", "wall_s", "device_hours")
 ROW_FIELDS = ("unfreeze", "status", "error", "images_per_s", "tail_images_per_s", "step_ms_median",
@@ -40,7 +42,7 @@ def parse_run(out: Path, run_dir: Path, log: Path) -> dict:
     doc = read_json(run_dir / "results.json")
     figures = {"results": relative(out, run_dir / "results.json"),
                "run": {k: doc["run"].get(k) for k in RUN_FIELDS}, "rows": {}}
-    for row in doc["depths"]:
+    for row in saved_rows(doc):
         figures["rows"][row["variant"]] = {k: row.get(k) for k in ROW_FIELDS}
         if isinstance(row.get("trace"), dict):
             figures["rows"][row["variant"]]["trace"] = trace_summary(out, row["trace"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.files import atomic_write
+from bench.signals import StopSignal, interrupt_exit_code
 from bench.suite.figures import COMPILE_ESTIMATE, check_targets, compute_figures, step_figures
 from bench.suite.parse import ParseError
 from bench.suite.steps import ROOT, Step, Suite
@@ -25,14 +26,6 @@ BUDGET_S = {"gpu": 480.0, "rehearsal": 180.0}
 KILL_GRACE_S = {"gpu": 20.0, "rehearsal": 5.0}  # after SIGTERM bench.run writes what it finished
 TRACE_CAP_MB = 64.0
 TAIL_LINES = 15
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C: the running step's process group is stopped and the folder written."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
 
 
 def run_process(argv: list[str], log: Path, limit_s: float, grace_s: float) -> tuple[str, int | None]:
@@ -215,16 +208,14 @@ def run_suite(suite: Suite, steps, wanted: list[str], console: Console) -> int:
     (suite.out / "logs").mkdir(parents=True, exist_ok=True)
     write_outputs(suite)
     console.print(f"bench.suite ({suite.mode}): {len(wanted)} steps, --budget {suite.args.budget:g} s -> {suite.out}")
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        run_steps(suite, [s for s in steps if s.name in wanted], console)
+        with StopSignal():  # the running step's process group is stopped and the folder written
+            run_steps(suite, [s for s in steps if s.name in wanted], console)
     except KeyboardInterrupt as e:
         mark_interrupted(suite)
         write_outputs(suite)
         console.print(f"bench.suite: stopped; what finished is in {suite.out} and {pack(suite.out)}")
-        return 143 if isinstance(e, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return interrupt_exit_code(e)
     archive = pack(suite.out)
     ran = [r for r in suite.records.values() if r["status"] not in ("skipped", "pending")]
     console.print(f"bench.suite: {sum(r['status'] == 'ok' for r in ran)}/{len(ran)} steps ok; "

@@ -1,0 +1,61 @@
+"""argparse with one-line errors, and the value types the commands share. Free of heavy imports, so
+a command that only parses (the suite's parent process) starts fast."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line on stderr and exit 2 (argparse's default also prints the whole usage)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def int_in(low: int, high: int):
+    """An argparse type for integers in [low, high]: sizes past `high` would exhaust memory before
+    they could fail more usefully (a 10-million-image synthetic set is 30 GB)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high:,}, got {value:,}")
+        return value
+    return parse
+
+
+def batch_size_arg(text: str) -> int | str:
+    """A batch size, or `auto` (bench.batch_size finds the fastest that fits)."""
+    return "auto" if text == "auto" else int_in(1, 65536)(text)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
