@@ -17,7 +17,7 @@ import torch
 from bench.args import Parser, batch_size_arg, int_in, non_negative_float, positive_int
 from bench.distributed import LR_SCALES, PARALLEL
 from bench.errors import ConfigError
-from bench.settings import GROUP_OF, Settings
+from bench.settings import GROUP_OF, STUDY, Settings
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from models import HEADS, UNITS
 from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, num_classes
@@ -208,6 +208,26 @@ def saved_settings(values: dict, **changes) -> Settings:
     defaults = {name: parser.get_default(name) for name in GROUP_OF}
     defaults["data_dir"] = defaults["data_dir"] or default_data_dir()
     return Settings.from_flat({**defaults, **{k: v for k, v in values.items() if k in GROUP_OF}, **changes})
+
+
+def resumed(invocation: Invocation, saved_run: dict) -> Invocation:
+    """--resume OUT: the saved run's settings. A setting given on the command line beside --resume
+    must agree with the saved one (or the run is refused, naming each difference); what only decides
+    where files go and what this process records (tracing, checkpoints, the data directory) may be
+    given anew."""
+    now, saved = invocation.settings, saved_settings(saved_run)
+    now_flat, saved_flat = now.flat(), saved.flat()
+    found_auto = now.train.batch_size == "auto" and saved_run.get("batch_size_search")  # found once, kept
+    differ = [f"{k}: saved {saved_flat[k]!r}, now {now_flat[k]!r}" for k in sorted(invocation.given & STUDY)
+              if now_flat[k] != saved_flat[k] and not (k == "batch_size" and found_auto)]
+    if "profile" in invocation.given and now.output.profile != saved.output.profile:
+        differ.insert(0, f"profile: saved {saved.output.profile!r}, now {now.output.profile!r}")
+    if differ:
+        raise ConfigError(f"--resume {now.output.resume}: settings differ from the saved run ({'; '.join(differ)})")
+    given = {k: now_flat[k] for k in GROUP_OF.keys() - STUDY if k in invocation.given}
+    settings = saved.replace(**{**{k: now_flat[k] for k in GROUP_OF.keys() - STUDY}, "profile": saved.output.profile,
+                                "data_dir": saved.output.data_dir, **given})
+    return Invocation(settings, invocation.command, invocation.given, saved_run.get("profile_description", ""))
 
 
 def check_compile(s: Settings, given: frozenset[str]) -> None:

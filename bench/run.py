@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import batch_size, distributed, parallel
-from bench.config import Invocation, load_profile, parse_config, profile_names, saved_settings
+from bench.config import Invocation, load_profile, parse_config, profile_names, resumed
 from bench.context import RunContext
 from bench.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, USER_ERRORS, ConfigError
 from bench.files import ensure_writable
@@ -119,12 +119,6 @@ def prepare_out(s: Settings) -> tuple[Path, list[dict], dict]:
     if o.out and Path(o.out) != out:
         raise ConfigError(f"--resume {out} writes to {out}; drop --out {o.out}")
     saved_run, rows = read_saved_run(out)
-    if s.train.batch_size == "auto" and saved_run.get("batch_size_search"):  # found once, kept
-        s = s.replace(batch_size=saved_run["batch_size"])
-    before, now = saved_settings(saved_run).study(), s.study()
-    diff = [f"{k}: saved {before[k]!r}, now {now[k]!r}" for k in sorted(now) if before[k] != now[k]]
-    if diff:
-        raise ConfigError(f"--resume {out}: settings differ from the saved run ({'; '.join(diff)})")
     return out, [r for r in rows if r.get("status") in FINISHED], saved_run
 
 
@@ -424,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun only rank 0 prints: the other ranks' output would repeat it.
         console = (Console() if sys.stdout.isatty() else Console(width=200)) if dist.is_main else Console(quiet=True)
         invocation = parse_config(argv)
+        if invocation.settings.output.resume:  # every rank reads the saved settings: OUT must be shared
+            invocation = resumed(invocation, read_saved_run(Path(invocation.settings.output.resume))[0])
         if invocation.command != "run":
             return answer(invocation, console)
         run = Run(invocation, dist, console)

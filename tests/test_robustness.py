@@ -127,6 +127,27 @@ def test_existing_out_needs_resume_and_resume_checks_settings(tmp_path, capsys):
     assert results(out)["run"]["resumed_rows"] == 1
 
 
+def test_resume_alone_restores_the_saved_settings(tmp_path, capsys):
+    """`--resume OUT` needs no other flag: the smoke run below is not the default profile (CIFAR-100,
+    whose files are not here), yet the resumed run trains its missing variant with its settings."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--unfreeze", "1,3", "--out", str(out), "--no-evaluate-best"]) == 0
+    doc = results(out)
+    doc["rows"] = doc["rows"][:1]  # as if stopped after the first variant
+    (out / "results.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--device", "cpu", "--no-evaluate-best"]) == 0, capsys.readouterr().err
+    again = results(out)
+    assert [r["variant"] for r in again["rows"]] == ["unfreeze-1", "unfreeze-3"]
+    assert again["run"]["resumed_rows"] == 1 and again["run"]["profile"] == "smoke"
+    assert again["rows"][1]["batch_size"] == 32 and again["run"]["train_images"] == doc["run"]["train_images"]
+    # a setting given beside --resume must agree with the saved one
+    assert main(["--resume", str(out), "--device", "cpu", "--epochs", "2"]) == 2
+    assert "epochs: saved 1, now 2" in capsys.readouterr().err
+    assert main(["--resume", str(out), "--profile", "default"]) == 2
+    assert "profile: saved 'smoke', now 'default'" in capsys.readouterr().err
+
+
 def test_resume_reads_a_schema_2_run_and_adds_its_wall_time(tmp_path):
     out = tmp_path / "run"
     assert main([*TINY, "--unfreeze", "1,3", "--out", str(out)]) == 0
