@@ -1,10 +1,7 @@
 """`--batch-size auto`: the batch with the best training images/s that fits, found by doubling.
 
 The search runs once per run, on the variant that trains the most parameters (the one that needs the
-most memory), so every variant then trains with the same batch and the rows stay comparable. Each
-candidate runs the real training step a few times: the run's loader (its dtype, layout and memory),
-its precision, and `--compile` as the run will compile. The doubling stops at the first failure for
-lack of memory, whichever library reports it (torch, cuBLAS, cuDNN, DALI), or at the limit.
+most memory), so every variant then trains with the same batch and the rows stay comparable.
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""Checkpoints: a trained variant's weights plus what is needed to rebuild and re-score it.
+"""Checkpoints: a trained variant's weights plus what is needed to rebuild and re-score it
+(`python -m bench.evaluate CHECKPOINT` needs nothing else).
 
 A checkpoint is one `torch.save` file holding a plain dict (only dicts, lists, strings, numbers and
-CPU tensors, so `torch.load(..., weights_only=True)` reads it without unpickling arbitrary objects):
-
-    {"format": "finetune-bench-checkpoint", "version": 1,
-     "state_dict": {name: tensor},   # the bare model's (torch.compile and DDP wrappers unwrapped)
-     "settings": {...},              # the run's settings (JSON-able values only): model, head, dataset...
-     "row": {...},                   # the variant's identifying and accuracy fields of its result row
-     "classes": [names],             # what each output index means
-     "torch": "2.x"}
-
-`python -m bench.evaluate CHECKPOINT` rebuilds the model and its evaluation split from this alone.
+CPU tensors), so `torch.load(..., weights_only=True)` reads it without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
@@ -46,8 +38,7 @@ def _plain(values: Mapping) -> dict:
 
 
 def save_checkpoint(path: Path, model: nn.Module, *, settings: dict, row: dict, classes: list[str]) -> None:
-    """Write the checkpoint atomically: a temporary file in the same directory, then a rename, so a
-    crash mid-write never leaves a truncated file under `path`."""
+    """Written atomically, so a crash mid-write never leaves a truncated file under `path`."""
     path = Path(path)
     bare = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key with _orig_mod.
     if isinstance(bare, nn.parallel.DistributedDataParallel):  # ... and DDP's with module.

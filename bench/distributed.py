@@ -1,11 +1,7 @@
 """One process per device under `torchrun`: rank and world size, the process group, the few collectives
-the harness needs, and the DDP wrapper. Without torchrun (WORLD_SIZE unset or 1) every function here
-is a no-op on one process, so the single-device path pays nothing.
-
-This is the only module that reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR/PORT). We never launch
-processes ourselves: users run the same command under `torchrun`, whose elastic agent also stops
-every rank when one exits with an error.
+the harness needs, and the DDP wrapper. Without torchrun every function here is a no-op, so the
+single-device path pays nothing. The only module that reads torchrun's environment; the harness never
+launches processes itself, and torchrun's elastic agent stops every rank when one exits with an error.
 """
 from __future__ import annotations
 
@@ -80,10 +76,9 @@ def rank_device(d: Dist, device: torch.device) -> torch.device:
 
 
 def init(d: Dist, device: torch.device, timeout_s: float) -> None:
-    """The process group from torchrun's environment: NCCL on CUDA, Gloo on the CPU.
-
-    `timeout_s` bounds how long a collective waits for a rank that is alive but stuck. A rank that
-    dies is noticed sooner: its peers' sockets close, and torchrun stops the others (SIGTERM)."""
+    """The process group from torchrun's environment. `timeout_s` bounds how long a collective waits for
+    a rank that is alive but stuck; a rank that dies is noticed sooner: its peers' sockets close, and
+    torchrun stops the others (SIGTERM)."""
     if d.world_size == 1 or dist.is_initialized():
         return
     cuda = device.type == "cuda"
@@ -101,9 +96,7 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------
 # collectives: no-ops on one process
-# ----------------------------------------------------------------------------------------------------
 
 def barrier() -> None:
     if active():
@@ -127,7 +120,6 @@ def all_gather_objects(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s `obj` on every rank."""
     if not active():
         return obj
     box = [obj]
@@ -170,9 +162,7 @@ def scaled_lr(lr: float, scale: str, world_size: int) -> float:
     return lr * (world_size if scale == "linear" else math.sqrt(world_size))
 
 
-# ----------------------------------------------------------------------------------------------------
 # DDP over the trainable part
-# ----------------------------------------------------------------------------------------------------
 
 def bucket_cap_mb(trainable_bytes: int) -> float:
     """DDP's gradient bucket size for a trainable tail of `trainable_bytes`: about four buckets, so the
@@ -182,16 +172,13 @@ def bucket_cap_mb(trainable_bytes: int) -> float:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, *, compiled: bool) -> nn.Module:
-    """`model` under DistributedDataParallel, reducing only the gradients of trainable parameters.
-
-    Frozen parameters (requires_grad False) get no bucket and no hook, so no unused-parameter search
-    is needed (find_unused_parameters off). `static_graph` (the same parameters are used every step,
-    which holds for a fixed freeze plan) lets DDP skip per-step bookkeeping; it is left off when the
-    model is compiled, because dynamo's DDPOptimizer, which splits the compiled graph at bucket
-    boundaries, is not documented to support it (pytorch#93672, #109261). Buffers are synced once at
-    construction but not before every forward (that would be a collective inside evaluation, where
-    ranks may run different numbers of batches); `average_buffers` reconciles them before each
-    evaluation instead."""
+    """`model` under DistributedDataParallel. Frozen parameters get no bucket and no hook, so no
+    unused-parameter search is needed. `static_graph` (the same parameters every step, which holds for
+    a fixed freeze plan) skips per-step bookkeeping; it is off when compiled, because dynamo's
+    DDPOptimizer, which splits the compiled graph at bucket boundaries, is not documented to support it
+    (pytorch#93672, #109261). Buffers are synced at construction, not before every forward (that would
+    be a collective inside evaluation, where ranks may run different numbers of batches);
+    `average_buffers` reconciles them before each evaluation instead."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,

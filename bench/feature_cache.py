@@ -1,17 +1,8 @@
 """Train the tail from cached trunk features: the frozen trunk runs once per image, not once per epoch.
 
 With `--augment none` nothing random happens before the frozen trunk, so its output for an image is
-the same every epoch. `build_cache` runs the trunk of a `models.split.SplitModel` once over an
-evaluation-style loader (fixed order, no augmentation) and keeps the features; `FeatureCache.batches`
-then hands out (features, labels) batches with the loaders' contract, for training `split.tail`.
-
-    cache = build_cache(split, eval_style_loader, device=device, precision="bf16")
-    for x, y in cache.batches(1024, shuffle=True, seed=seed, epoch=0, drop_last=True):
-        loss = criterion(split.tail(x), y)
-
-Where the features live: on the device when they fit in part of its free memory (no copy per batch),
-else in pinned host memory (one asynchronous copy per batch), else `CacheTooLarge`. `max_bytes`
-caps the cache's size wherever it would live.
+the same every epoch. The features live on the device when they fit in part of its free memory (no
+copy per batch), else in pinned host memory (one asynchronous copy per batch), else `CacheTooLarge`.
 """
 from __future__ import annotations
 
@@ -59,11 +50,8 @@ def _host_free_bytes() -> int | None:
 
 
 class FeatureCache:
-    """Trunk features of every image (in loader order) and their labels.
-
-    `features` is stored dense with the batch dimension outermost; channels_last features are kept as
-    NHWC so that a gathered batch is a contiguous block and its NCHW view is channels_last again.
-    """
+    """Trunk features of every image (in loader order) and their labels. Channels_last features are
+    stored NHWC, so that a gathered batch is a contiguous block and its NCHW view is channels_last again."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
                  feature_dtype: torch.dtype, channels_last: bool):
@@ -153,10 +141,9 @@ def build_cache(split_model: SplitModel, loader, *, device, dtype: torch.dtype =
     """Run `split_model`'s trunk over every batch of `loader` once and keep the features in `dtype`.
 
     `loader` must be evaluation-style: fixed order, no augmentation (anything random before the
-    trunk would be frozen into the cache). `precision` ("bf16", "fp16", "fp32") autocasts the trunk
-    as the trainer would. `num_images` (default: at most len(loader) x the first batch's size) sizes
-    the storage. Raises CacheTooLarge before storing anything when the features do not fit.
-    """
+    trunk would be frozen into the cache). `precision` autocasts the trunk as the trainer would.
+    `num_images` (default: at most len(loader) x the first batch's size) sizes the storage.
+    Raises CacheTooLarge before storing anything when the features do not fit."""
     device = torch.device(device)
     split_model.trunk.eval()  # shared with the original model, whose .train() may have flipped it
     features = labels = None

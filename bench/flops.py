@@ -1,16 +1,10 @@
 """Model FLOPs utilisation (MFU), the Lightning way, against a ceiling measured on the run's device.
 
-    flops = train_flops_per_image(model, 224)           # the exact trainable configuration
-    peak = matmul_ceiling_tflops(device)                # achieved dense bf16 matmul TFLOP/s here
-    mfu(images_per_s, flops, peak)                      # fraction of that ceiling, 0..1
-
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (conv, matmul and attention kernels;
 one multiply-add = 2 FLOPs; elementwise ops, BatchNorm and pooling are not counted), as Lightning's
-`measure_flops` does. The count runs on a copy of the model on the "meta" device: shapes only, no
-memory and no arithmetic, so it takes milliseconds and leaves the model untouched.
-
-The ceiling is measured, not looked up: the datasheet peak is not reachable and differs between SKUs
-and clocks, while a large square matmul shows what this device actually delivers.
+`measure_flops` does, on a copy of the model on the "meta" device: shapes only, so it takes
+milliseconds and leaves the model untouched. The ceiling is measured, not looked up: the datasheet
+peak is not reachable and differs between SKUs and clocks.
 """
 from __future__ import annotations
 
@@ -25,11 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def _shadow(model: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of `model` in eval mode on `device`, with the same requires_grad flags.
-
-    On "meta" no data is copied: deepcopy takes the pre-made meta tensors from its memo instead of
-    cloning every weight (a resnet50 would otherwise cost 100 MB and a device-side copy).
-    """
+    """A copy of `model` in eval mode on `device`, with the same requires_grad flags. On "meta" no data
+    is copied: deepcopy takes the pre-made meta tensors from its memo instead of cloning every weight
+    (a resnet50 would otherwise cost 100 MB and a device-side copy)."""
     if device.type == "meta":
         memo: dict = {}
         for p in model.parameters():
@@ -70,8 +62,7 @@ def train_flops_per_image(model: nn.Module, image_size: int, *, device="meta", c
 
     `device` is where the count runs: "meta" (default) computes nothing; pass a real device only for
     a model whose forward looks at values. The model itself is not changed (no grads, same BatchNorm
-    statistics and modes). A model with nothing trainable costs its forward.
-    """
+    statistics and modes). A model with nothing trainable costs its forward."""
     return _count(model, image_size, device=device, channels_last=channels_last, train=True,
                   batch=batch, in_channels=in_channels)
 
@@ -91,8 +82,7 @@ def matmul_ceiling_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int | 
     Matmuls run for `warmup_s` seconds first (default 1 s on CUDA, where clocks and power settle over
     about that long; 0.1 s on the CPU, for the thread pool), at least 3 of them. A float32 ceiling on
     CUDA is a TF32 one when `tf32` is true: pass the setting the network's convolutions train with
-    (`torch.backends.cudnn.allow_tf32`), or a strict-fp32 matmul would be compared with TF32 convolutions.
-    """
+    (`torch.backends.cudnn.allow_tf32`), or a strict-fp32 matmul would be compared with TF32 convolutions."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     # A CPU without native fp16 matmuls emulates them at about 1 GFLOP/s: 1024^2 would take 2 s a matmul.

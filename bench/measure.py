@@ -1,8 +1,4 @@
-"""Clocks, memory and the run's environment. Measurement returns plain numbers; rendering is elsewhere.
-
-The clock is chosen once per device: CUDA events on the GPU (recorded in stream order, read after one
-synchronisation at the end of a timed region), `perf_counter` on the CPU, where work is synchronous.
-"""
+"""Clocks, memory and the run's environment. Measurement returns plain numbers; rendering is elsewhere."""
 from __future__ import annotations
 
 import os
@@ -15,15 +11,11 @@ import torch
 
 
 class StepTimer:
-    """Marks the start and the end of every step.
-
-    `intervals_ms()` is the time between consecutive starts (waiting for data included);
-    `idle_ms()` is, for each interval, the part between the end of one step's work and the start of the
-    next step's: the time the device had nothing of ours queued (on CUDA read from the device's own
-    timeline, where a host blocked on input shows up as the GPU running dry; on the CPU, where work is
-    synchronous, the host's wait). No host synchronisation per step: on CUDA a mark is an event recorded
-    on the current stream, read once after `torch.cuda.synchronize()` at the end of the region.
-    """
+    """Marks the start and the end of every step. `intervals_ms()`: between consecutive starts (data
+    wait included); `idle_ms()`: from one step's end to the next one's start, when the device had nothing
+    of ours queued (on CUDA read from the device's timeline, so a host blocked on input shows as the GPU
+    running dry). No host sync per step: on CUDA a mark is an event, read once at the end of the region;
+    on the CPU, where work is synchronous, `perf_counter`."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -92,9 +84,8 @@ def proc_bytes(path: str, key: str) -> int | None:
 
 
 def device_used_bytes(device: torch.device) -> int | None:
-    """Memory in use on the whole CUDA device (total - free, as the driver counts it): torch's tensors
-    and cached blocks, DALI's buffers and pools, cuDNN/cuBLAS workspaces, the CUDA context. torch's own
-    peak cannot see DALI's memory, so rows of different loaders are compared on this. None on the CPU."""
+    """Memory in use on the whole CUDA device (total - free, as the driver counts it), None on the CPU.
+    torch's own peak cannot see DALI's memory, so rows of different loaders are compared on this."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)

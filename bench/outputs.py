@@ -1,8 +1,5 @@
 """What a finished run leaves beyond results.json: checkpoints, trace summaries on the terminal,
 plots, the best variant's class-by-class evaluation, report.md and table.txt.
-
-Everything here is made from results that are already on disk, so a failure is a warning, never a
-lost run.
 """
 from __future__ import annotations
 
@@ -23,8 +20,8 @@ from pipelines import Dataset, select_splits
 
 
 class Checkpoints:
-    """`checkpoints/best.pt`: the best variant so far (the --final-best row beats any validation row);
-    with --save-checkpoint also `checkpoints/<variant>.pt` for every variant."""
+    """`checkpoints/best.pt` (the best row so far, by `best_key`) and, with --save-checkpoint, every
+    variant's `checkpoints/<variant>.pt`."""
 
     def __init__(self, folder: Path, keep_all: bool, classes: list[str], saved_rows: list[dict]):
         self.folder, self.keep_all, self.classes = folder, keep_all, classes
@@ -49,8 +46,7 @@ def best_key(row: dict) -> tuple:
 
 def write_artifacts(console: Console, score_best: bool, out: Path, run_info: dict, rows: list[dict],
                     table, data: Dataset, best_path: Path, device: torch.device) -> None:
-    """Everything made from the finished results: trace summaries, plots, the best variant's evaluation,
-    report.md and table.txt. A failure here is a warning: results.json is already complete."""
+    """Everything made from the finished results; a failure here is a warning: results.json is complete."""
     def attempt(what: str, fn):
         try:
             return fn()

@@ -1,18 +1,11 @@
 """The sweep on several processes under torchrun, in the two ways `--parallel` names.
 
-- `data` (default): every rank trains the same variant at once, DDP over its trainable part, each
-  on its shard of every epoch. The ranks' rows of a variant are merged into one (`merge_rank_rows`):
-  images/s summed, peak memory the maximum (and listed per rank), GPU-hours = wall time x world size,
-  accuracy already covers the whole evaluation split (bench.train all-reduces the counts).
-  The ranks run in lockstep, so a variant that fails on one rank ends the run (`RankFailure`): the
-  others are waiting for it inside a collective it will never join.
-- `variants`: each rank takes the next unclaimed variant from a counter in torchrun's store and
-  trains it alone on its own device (no DDP, one device's GPU-hours); it publishes the row in the
-  store and goes on, and rank 0 writes every published row as it sees it. No rank waits for another
-  inside a collective, so variants of very different lengths cannot run into the process-group
-  timeout, and a failed variant is an `error` row, as on one process.
-
-bench.run wires these in; bench.distributed has the primitives.
+- `data` (default): every rank trains the same variant, DDP over its trainable part; the ranks' rows
+  are merged into one (`merge_rank_rows`). The ranks run in lockstep, so a variant that fails on one
+  rank ends the run (`RankFailure`): the others wait inside a collective it will never join.
+- `variants`: each rank claims variants from a counter in torchrun's store and trains them alone.
+  No rank waits for another inside a collective, so variants of very different lengths cannot run
+  into the process-group timeout, and a failed variant is an `error` row, as on one process.
 """
 from __future__ import annotations
 
@@ -35,7 +28,7 @@ SUMMED = ("images_per_s", "tail_images_per_s", "eval_images_per_s", "achieved_tf
 LARGEST = ("peak_mem_bytes", "device_peak_mem_bytes", "step_ms_median", "data_wait_pct", "compile_s", "train_s",
            "wall_s", "gpu_hours", "train_acc_s", "feature_cache_s", "trace_export_s")
 AVERAGED = ("mfu",)  # a share of each device's ceiling: the mean over devices
-PER_RANK = ("peak_mem_bytes", "device_peak_mem_bytes", "images_per_s")  # also kept as lists, rank by rank
+PER_RANK = ("peak_mem_bytes", "device_peak_mem_bytes", "images_per_s")
 
 
 class RankFailure(RuntimeError):
@@ -92,15 +85,12 @@ def check_resume(out: Path, s: Settings, d: Dist) -> None:
                           f"or start a new run")
 
 
-# ----------------------------------------------------------------------------------------------------
 # --parallel data
-# ----------------------------------------------------------------------------------------------------
 
 def merge_rank_rows(rows: list[dict]) -> dict:
-    """One result row from every rank's row of the same variant (in rank order).
-
-    Accuracy, loss and the plan are the same on every rank (evaluation is all-reduced); rank 0's are
-    kept. Training loss per epoch is averaged (every rank saw as many images)."""
+    """One row from every rank's row of a variant (in rank order). Accuracy, loss and the plan are the
+    same on every rank (evaluation is all-reduced), so rank 0's are kept; per-epoch training loss is
+    averaged (every rank saw as many images)."""
     merged = dict(rows[0])
 
     def present(key: str) -> bool:
@@ -127,7 +117,7 @@ def merge_rank_rows(rows: list[dict]) -> dict:
     merged["world_size"] = len(rows)
     if isinstance(merged.get("batch_size"), int):
         merged["global_batch_size"] = merged["batch_size"] * len(rows)
-    # DDP's gradient bucket for this tail (fp32 parameters): see bench.distributed.bucket_cap_mb
+    # fp32 parameters: 4 bytes each
     merged["ddp_bucket_cap_mb"] = distributed.bucket_cap_mb(4 * merged.get("trainable_params", 0))
     return merged
 
@@ -143,12 +133,10 @@ def combine_loader_speeds(speeds: list[dict]) -> dict:
 
 
 class DataParallelRows:
-    """`on_row` for run_sweep under --parallel data: the ranks' rows of a variant merged, on every rank
-    (so every rank holds the same results, e.g. to pick the --final-best variant), then `on_row`.
-
-    A rank whose variant did not finish gathers nothing: the others may be blocked in a collective of
-    that variant it will never join. It records its row (rank 0 writes it) and raises RankFailure;
-    its exit closes its connections, the waiting ranks' collectives fail, and torchrun stops them."""
+    """`on_row` for run_sweep under --parallel data: the ranks' rows of a variant merged on every rank
+    (so every rank holds the same results, e.g. to pick the --final-best variant). A rank whose variant
+    did not finish gathers nothing (the others may be blocked in a collective it will never join): it
+    records its row and raises RankFailure; its exit makes the waiting ranks' collectives fail."""
 
     def __init__(self, d: Dist, on_row: Callable[[dict], None]):
         self.dist, self.on_row = d, on_row
@@ -175,13 +163,11 @@ def _peer_failure(row: dict) -> bool:
         "another rank failed" in error or "Connection closed by peer" in error or "Connection reset by peer" in error
 
 
-# ----------------------------------------------------------------------------------------------------
 # --parallel variants
-# ----------------------------------------------------------------------------------------------------
 
 class VariantQueue:
-    """Variants handed out through torchrun's store: `claim()` is an atomic counter, `publish(i, row)`
-    stores a finished row, and rank 0's `collect()` hands each published row to `on_row` once."""
+    """Variants handed out through an atomic counter in torchrun's store; rank 0's `collect()` hands
+    each published row to `on_row` once."""
 
     POLL_S = 0.5
 

@@ -1,15 +1,9 @@
-"""Figures of a run's results: PNGs under `<out>/plots/`, drawn from the same `run` and rows
-(`rows`) that results.json holds.
-
-- curves.png: training loss and eval top-1 per epoch, one line per variant;
-- depth.png: training images/s, peak memory and top-1 against the unfreeze depth (or the variant);
-- accuracy_vs_gpu_time.png: eval top-1 against cumulative device time, accuracy per GPU-hour as a picture.
+"""Figures of a run's results: PNGs under `<out>/plots/`, drawn from the `run` and rows results.json holds.
 
 Figures are `matplotlib.figure.Figure` objects rendered by Agg, never pyplot: no global figure
 registry to leak into, and no display backend needed on a headless machine. Files are written
-atomically (temporary file + `os.replace`), like bench/report.py, so a reader never sees half a PNG.
-A figure with nothing to draw (every row failed, no history) is skipped; failed rows and missing
-values never raise.
+atomically, so a reader never sees half a PNG. A figure with nothing to draw is skipped; failed rows
+and missing values never raise.
 """
 from __future__ import annotations
 
@@ -50,8 +44,7 @@ def x_positions(rows: list[dict]) -> tuple[list[float], list[str], bool]:
 
     A pure depth sweep gets a numeric axis (spacing shows how far apart the depths are), with `all`
     one step past the deepest depth; anything else (approaches, budgets, a final row, repeated
-    depths) gets one evenly spaced category per variant, labelled with its name.
-    """
+    depths) gets one evenly spaced category per variant, labelled with its name."""
     depths = [r.get("unfreeze") for r in rows]
     numeric = (bool(rows) and all(r.get("kind") == "depth" for r in rows)
                and all(d == "all" or (isinstance(d, int) and not isinstance(d, bool)) for d in depths)
@@ -140,7 +133,6 @@ def _accuracy_vs_time(run: dict, rows: list[dict], styles: dict) -> Figure | Non
     series = [(r, [(t * devices, acc) for t, acc in s]) for r, s in series if s]
     if not series:
         return None
-    # The largest unit that keeps the numbers readable: hours, else minutes, else seconds.
     longest = max(t for _, s in series for t, _ in s)
     unit, per = ("hours", 3600.0) if longest >= 3600 else ("minutes", 60.0) if longest >= 60 else ("seconds", 1.0)
     who = "GPU" if str(run.get("device_used", "")).startswith("cuda") else "device"

@@ -1,7 +1,5 @@
-"""Rendering at the edge: the live progress display, the results table, and the files a run leaves.
-
-Files are written atomically (temporary file + `os.replace`) after every variant, so a run killed at
-any moment leaves every finished variant readable.
+"""Rendering at the edge: the live progress display, the results table, and the files a run leaves,
+written atomically after every variant so that a run killed at any moment leaves them readable.
 """
 from __future__ import annotations
 
@@ -80,7 +78,7 @@ def _flat(row: dict) -> dict:
 
 
 def write_results(out: Path, run: dict, rows: list[dict]) -> None:
-    """results.json (`{"schema_version": ..., "run": ..., "rows": [...]}`) and results.csv (one flat row per variant)."""
+    """results.json and results.csv (one flat row per variant, no history)."""
     out.mkdir(parents=True, exist_ok=True)
     doc = {"schema_version": SCHEMA_VERSION, "run": run, "rows": rows}
     atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")

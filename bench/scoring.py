@@ -1,6 +1,5 @@
 """Scoring a trained model class by class: predictions, per-class report, confusion matrix and a grid
-of predictions, written as `python -m bench.evaluate` documents. The harness calls `evaluate_model`
-for the best variant at the end of a run; the command calls it for a checkpoint.
+of predictions, for the best variant at the end of a run and for `python -m bench.evaluate`.
 """
 from __future__ import annotations
 
@@ -78,9 +77,7 @@ def class_report(cm: np.ndarray, classes: list[str]) -> tuple[list[dict], dict, 
     return rows, macro, weighted
 
 
-# ----------------------------------------------------------------------------------------------------
 # files
-# ----------------------------------------------------------------------------------------------------
 
 def _report_csv(rows: list[dict]) -> bytes:
     buf = io.StringIO()

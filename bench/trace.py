@@ -1,11 +1,9 @@
 """Profiler traces: a bounded torch.profiler window per variant, written for TensorBoard's profiler
 plugin, and read back into a summary (top operators by device time, the share the device sat idle).
 
-One variant is one TensorBoard run: `<trace dir>/<variant>/<worker>.<id>.pt.trace.json.gz`. The window
-is `wait` steps (warm-up and compilation stay out of the trace), `warmup` profiler warm-up steps, then
-`active` recorded steps, once: a few steps of ResNet-50 are a few MB gzipped, while a trace of hundreds
-of MB makes the plugin show empty views. The traced steps are slower (the profiler's own overhead and
-the export), so the sweep leaves them out of its throughput figures (`TraceWindow.steps`).
+The window is recorded once and kept to a few steps: a few steps of ResNet-50 are a few MB gzipped,
+while a trace of hundreds of MB makes the plugin show empty views. The traced steps are slower (the
+profiler's overhead and the export), so the sweep leaves them out of its throughput figures (`TraceWindow.steps`).
 """
 from __future__ import annotations
 
@@ -65,9 +63,8 @@ def plan_window(total_steps: int, skip: int, active: int) -> TraceWindow | None:
 
 
 class VariantTrace:
-    """The profiler around one variant's training; `step()` after every training step.
-
-    A failure to write the trace is a warning, never the variant's failure: the measurements go on."""
+    """The profiler around one variant's training; `step()` after every training step. A failure to
+    write the trace is a warning, never the variant's failure: the measurements go on."""
 
     def __init__(self, run_dir: Path, window: TraceWindow, device: torch.device, worker: str = "rank0"):
         # A resumed variant starts its trace afresh. Under data parallelism every rank traces into the same
@@ -108,9 +105,7 @@ class VariantTrace:
         self.profiler.step()
 
 
-# ----------------------------------------------------------------------------------------------------
 # reading a trace back
-# ----------------------------------------------------------------------------------------------------
 
 def trace_files(run_dir: Path, worker: str | None = None) -> list[Path]:
     """The traces in a run, or only those of `worker` (a run traced by several ranks has one per rank)."""

@@ -37,10 +37,9 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentu
 
 def make_scheduler(name: str, optimizer, *, total_steps: int, steps_per_epoch: int, step_size: int,
                    gamma: float, patience: int = 2):
-    """Stepped once per training step, except `plateau`. Cosine anneals over the whole run (the seeds'
-    per-epoch CosineAnnealingLR, at step granularity); `step` multiplies by `gamma` every `step_size`
-    epochs; `plateau` (seed 003's ReduceLROnPlateau) multiplies by `gamma` when the validation loss
-    has not improved for `patience` epochs, and is stepped once per epoch with that loss."""
+    """Stepped once per training step, except `plateau` (seed 003's), stepped once per epoch with the
+    validation loss. Cosine anneals over the whole run (the seeds' per-epoch CosineAnnealingLR, at step
+    granularity); `step_size` is in epochs."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if name == "step":

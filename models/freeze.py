@@ -1,12 +1,8 @@
 """Freezing by depth: number a network's layers from the output end and train only the last N.
 
-A "layer" depends on the unit:
-- `module` (seed 000's meaning): every Conv2d, BatchNorm2d and Linear in registration order, except
-  that a residual block's projection shortcut (`downsample`: conv + BN) counts as one layer. Only that
-  reading reproduces seed 000's published counts on resnet50 (depths 1, 3, 6, 12, 15, 25 train
-  2, 5, 10, 19, 25, 40 parameter tensors; counting the shortcut as two layers gives 23 and 38).
-- `block`: the head, each residual block, and the stem (conv1 + bn1).
-- `stage`: the head, layer4 .. layer1, and the stem.
+With `--unit module` a residual block's projection shortcut (`downsample`: conv + BN) counts as one
+layer: only that reading reproduces seed 000's published counts on resnet50 (as two, depths 15 and 25
+would train 23 and 38 parameter tensors instead of 25 and 40).
 """
 from __future__ import annotations
 

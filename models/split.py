@@ -5,24 +5,14 @@ already skips weight gradients for the prefix, but the forward still runs inside
 graph context; cutting the prefix off into a `trunk` run under `torch.no_grad()` makes that explicit,
 lets the trunk stay in eval mode, and lets `bench.feature_cache` compute its outputs once.
 
-    split = split_frozen(model)          # None: nothing to cut off (use `model` as it is)
-    logits = split(images)               # == model(images); only split.tail builds a graph
-    split.cut                            # "layer4.2", "fc", ...: the first module of the tail
+The cut is at a module boundary in forward order (`forward_sequence`). A residual block cannot be
+split, so when only part of a block trains, the whole block runs in the tail (its frozen convolutions
+get no gradients and save no activations for them, so this stays correct and nearly as cheap).
 
-The cut is at a module boundary in forward order. For torchvision ResNets these are conv1, bn1, relu,
-maxpool, every residual block of layer1..layer4, avgpool, flatten, and the head (a Sequential head is
-split into its children); a residual block cannot be split, so when only part of a block trains, the
-whole block runs in the tail (its frozen convolutions get no gradients and save no activations for
-them, so this stays correct and nearly as cheap). `simple_cnn` and plain `nn.Sequential` models are
-supported the same way; any other model gives None.
-
-The trunk always runs in eval mode: its BatchNorm layers are frozen and use running statistics, as
-`set_train_mode(..., frozen_bn="eval")` does. A split model therefore does not reproduce
-`--frozen-bn train`. The cut is also placed before any dropout, whose train-mode randomness an eval
-trunk would silently turn off.
-
-The trunk and tail hold the original model's submodules (no copies): `model.state_dict()` still
-saves everything, and training the split trains `model`.
+The trunk always runs in eval mode (frozen BatchNorm on running statistics), so a split model does not
+reproduce `--frozen-bn train`; the cut is placed before any dropout, whose train-mode randomness an
+eval trunk would silently turn off. The trunk and tail hold the original model's submodules (no
+copies): `model.state_dict()` still saves everything, and training the split trains `model`.
 """
 from __future__ import annotations
 
@@ -78,7 +68,7 @@ def _sequential(pairs: list[tuple[str, nn.Module]]) -> nn.Sequential:
 
 
 class SplitModel(nn.Module):
-    """`tail(trunk(x))`, the trunk under `no_grad` and always in eval mode. See the module docstring."""
+    """`tail(trunk(x))`, the trunk under `no_grad` and always in eval mode; `cut` names the tail's first module."""
 
     def __init__(self, trunk: nn.Module, tail: nn.Module, cut: str):
         super().__init__()
@@ -108,8 +98,7 @@ def split_frozen(model: nn.Module) -> SplitModel | None:
     """Cut `model` (after `apply_unfreeze`) before the first module that trains (or holds dropout).
 
     None when nothing can be cut off: the first module already trains, nothing trains at all, or the
-    model's shape is not known (see `forward_sequence`).
-    """
+    model's shape is not known (see `forward_sequence`)."""
     seq = forward_sequence(model)
     if seq is None:
         return None

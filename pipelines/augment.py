@@ -32,11 +32,11 @@ class Augment:
 
 AUGMENT_SPECS = {
     "none": Augment(),
-    # seeds 002 and 004: horizontal flip only
+    # seeds 002 and 004
     "flip": Augment(flip=True),
     # CIFAR's standard: torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip
     "flip-crop": Augment(flip=True, pad=4),
-    # seed 003: flip, crop with padding, colour jitter, rotation, random grayscale
+    # seed 003
     "heavy": Augment(flip=True, pad=4, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05,
                      rotate=15.0, grayscale=0.1),
 }

@@ -1,20 +1,13 @@
 """CIFAR-10 / CIFAR-100 reader for the original "python version" pickle archives.
 
-The pickles are parsed here with numpy (vectorized) instead of through
-torchvision.datasets.CIFAR10, which builds PIL-oriented per-image objects the
-benchmark pipelines do not need. torchvision is still used for what it does
-well: downloading and extracting the official archive and checking md5s, with
-the per-file md5s read from its CIFAR10/CIFAR100 classes so they are never
-retyped here.
+The pickles are parsed with numpy instead of through torchvision.datasets.CIFAR10, which builds
+PIL-oriented per-image objects the pipelines do not need; torchvision still downloads, extracts and
+md5-checks the archive, with the md5s read from its classes so they are never retyped here. A
+partially loaded dataset is never returned. The parsed arrays are cached in ``<data_dir>/<name>.npz``
+because unpickling 50k images on each run costs more than loading one .npz.
 
-Every failure a user can cause (missing files, no network, corrupt or foreign
-files) surfaces as a one-line DataError; a partially loaded dataset is never
-returned. The parsed arrays are cached in ``<data_dir>/<name>.npz`` because
-unpickling 50k images on each run costs more than loading one .npz.
-
-Note: pickle can execute code. Official files are md5-checked before they are
-unpickled (``verify=True``, the default); ``verify=False`` is for tests and
-trusted local copies only.
+Note: pickle can execute code. Official files are md5-checked before they are unpickled
+(``verify=True``); ``verify=False`` is for tests and trusted local copies only.
 """
 
 from __future__ import annotations
@@ -105,8 +98,7 @@ def load_cifar(
 
     download: fetch and extract the official archive into data_dir when files are missing.
     verify: check every source file against its official md5 before parsing it.
-    Raises DataError (one-line message) for missing, corrupt or malformed files.
-    """
+    Raises DataError (one-line message) for missing, corrupt or malformed files."""
     spec = _SPECS.get(name)
     if spec is None:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_SPECS)}")

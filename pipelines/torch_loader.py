@@ -4,28 +4,15 @@ machines without DALI.
 The whole uint8 split is copied to `device` once (on CUDA: no image crosses PCIe after construction);
 each batch is gathered there by index, augmented with batched tensor ops (per-sample random parameters,
 no per-sample Python loop) at the native resolution, normalised, and only then resized to
-`image_size`. Augmentations follow `pipelines.augment.Augment`:
+`image_size`. The hue shift is a vectorised RGB -> HSV -> RGB because torchvision's `adjust_hue` takes
+one float, not a tensor of factors. The colour jitter runs in the fixed order brightness, contrast,
+saturation, hue (torchvision's ColorJitter draws a random order per image; the factors and their
+ranges are the same).
 
-- pad-crop and flip: the training split is stored zero-padded by `pad` px once, and one gather with a
-  per-sample (row, column) index grid does gather + crop + mirror in a single indexing op;
-- brightness, contrast (around each image's mean grey), saturation (blend with the ITU-R 601 luma
-  grey, torchvision's weights) and hue (vectorised RGB -> HSV -> RGB with a per-sample shift:
-  torchvision's `adjust_hue` takes one float, not a tensor of factors) as per-sample factors, in the
-  fixed order brightness, contrast, saturation, hue (torchvision's ColorJitter draws a random order
-  per image; the factors and their ranges are the same);
-- rotation: `F.affine_grid` + `F.grid_sample` (bilinear, zero fill), per-sample angles, same sense
-  as torchvision's `rotate` (positive = counter-clockwise);
-- grayscale: per-sample with probability p, kept as 3 channels.
-
-Randomness: one `torch.Generator` on `device`, re-seeded at the start of every epoch with
-`pipelines.contract.epoch_seed`; it draws the epoch's permutation and then, batch after batch, one
-(batch x 9) uniform tensor holding every per-sample parameter. A run is therefore reproducible from
-`seed` on a given device type; CPU and CUDA generators are different algorithms, so the same seed
-gives different (equally distributed) draws on the two.
-
-Sharding (`rank`, `world_size`): every rank draws the same permutation and, for every step, the same
-(global batch x 9) parameters, and keeps its rows of both (`pipelines.contract.shard`). Rank r's
-images and their augmentation are therefore exactly the ones a single process with batch
+Randomness: one `torch.Generator` on `device`, re-seeded every epoch with `epoch_seed`. CPU and CUDA
+generators are different algorithms, so the same seed gives different (equally distributed) draws on
+the two. Every rank draws the same permutation and (global batch x 9) parameters and keeps its rows,
+so rank r's images and their augmentation are exactly the ones a single process with batch
 `batch_size * world_size` would give the same images at the same step.
 """
 from __future__ import annotations
@@ -42,9 +29,7 @@ from pipelines.contract import LoaderSpec, batch_count, epoch_seed, shard, shard
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights (torchvision: 0.2989, 0.587, 0.114)
 
 
-# ----------------------------------------------------------------------------------------------------
 # batched colour and geometry ops: x is (B, 3, H, W) float in [0, 1], factors are (B,) tensors
-# ----------------------------------------------------------------------------------------------------
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
@@ -136,15 +121,13 @@ def _factor(u: torch.Tensor, spread: float) -> torch.Tensor:
 
 
 class TorchLoader:
-    """`--loader torch`, as `pipelines.contract` describes.
-
-    `spec.num_threads` is ignored: every op runs asynchronously on the device's stream (on CUDA the
-    Python loop only enqueues kernels), so there is nothing to prefetch.
-    """
+    """`--loader torch`, as `pipelines.contract` describes. `spec.num_threads` is ignored: every op runs
+    asynchronously on the device's stream (on CUDA the Python loop only enqueues kernels), so there is
+    nothing to prefetch."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec):
         aug = augment_spec(spec.augment)  # unknown names fail even for evaluation
-        self.aug: Augment = aug if spec.train else Augment()  # evaluation never augments
+        self.aug: Augment = aug if spec.train else Augment()
         self.rank, self.world_size = spec.rank, spec.world_size
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be N x H x W x 3 uint8, got {images.dtype} {images.shape}")

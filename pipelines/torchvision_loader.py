@@ -1,21 +1,13 @@
 """`--loader torchvision`: the seeds' input pipeline, kept as the baseline to beat.
 
-A `torch.utils.data.Dataset` over the uint8 arrays, `torchvision.transforms.v2` per sample on the CPU
-(in `num_threads` DataLoader worker processes, or in the main process when 0), default collation,
-pinned host memory on CUDA, then a host-to-device copy of every batch. Only the parts of the
-`pipelines.augment.Augment` spec that are enabled are in the transform, in this order: RandomCrop
-with zero padding, RandomHorizontalFlip, ColorJitter, RandomRotation (bilinear, zero fill),
-RandomGrayscale (3 channels kept), Resize (bilinear, no antialias) when `image_size` differs, then
-ToDtype(float32, scale) and Normalize. Geometry and colour run on uint8 at the native size, as the
+`torchvision.transforms.v2` per sample on the CPU in DataLoader workers, pinned host memory on CUDA,
+then a host-to-device copy of every batch. Geometry and colour run on uint8 at the native size, as the
 seeds did.
 
-Reproducibility: the sampler takes each epoch's order from `pipelines.contract.epoch_order` (DALI's
-order too) and hands the epoch index to the dataset with every sample index; the dataset re-seeds
-torch's CPU generator with `pipelines.contract.sample_seed(seed, epoch, index)` before transforming
-a sample (torchvision's v2 transforms draw from that global generator). A sample's augmentation
-therefore depends only on (seed, epoch, index), whatever the number of workers, how the batches are
-spread over them, or which rank's shard the sample is in. In the main process (num_threads=0) the
-caller's global RNG state is saved and restored around each sample.
+Reproducibility: each epoch's order is `epoch_order`'s (DALI's order too), and the dataset re-seeds
+torch's global CPU generator, which the v2 transforms draw from, with `sample_seed(seed, epoch, index)`
+before transforming a sample. A sample's augmentation therefore depends only on (seed, epoch, index),
+whatever the number of workers, how the batches are spread over them, or which rank's shard it is in.
 """
 from __future__ import annotations
 
@@ -97,15 +89,13 @@ class EpochSampler(Sampler):
 
 
 class TorchvisionLoader:
-    """`--loader torchvision`, as `pipelines.contract` describes.
-
-    `spec.num_threads` is the number of DataLoader worker processes (0: transform in the main process).
-    """
+    """`--loader torchvision`, as `pipelines.contract` describes. `spec.num_threads` is the number of
+    DataLoader worker processes (0: transform in the main process)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec):
         aug = augment_spec(spec.augment)  # unknown names fail even for evaluation
         if not spec.train:
-            aug = Augment()  # evaluation never augments
+            aug = Augment()
         self.device = torch.device(spec.device)
         self.fp16 = spec.fp16 and self.device.type == "cuda"
         self.batch_size, self.train, self.n = spec.batch_size, spec.train, len(labels)
