@@ -14,7 +14,7 @@ from importlib import resources
 
 import torch
 
-from bench.args import Parser, batch_size_arg, int_in, non_negative_float, positive_int
+from bench.args import Parser, batch_size_arg, int_in, non_negative_float, positive_int, seed_list
 from bench.distributed import LR_SCALES, PARALLEL
 from bench.errors import ConfigError
 from bench.settings import GROUP_OF, STUDY, Settings
@@ -41,6 +41,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="after the sweep, retrain the best variant on validation on train + val and score the test split")
     g.add_argument("--out", default=None, help="output directory (default: runs/<UTC time>-<profile>)")
     g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed for initialisation, shuffling, augmentation and splits")
+    g.add_argument("--seeds", default=None, type=seed_list,
+                   help="repeats: train every variant once per seed (data order, head initialisation, augmentation), "
+                        "e.g. 0,1,2; --seed still draws the validation split")
+    g.add_argument("--repeats", type=int_in(2, 100), default=None, help="repeats: --seeds 0,1,...,N-1")
+    g.add_argument("--vary-split", default=False, action=argparse.BooleanOptionalAction,
+                   help="with repeats: each seed also draws its own validation split (and synthetic data)")
+    g.add_argument("--tolerance", type=non_negative_float, default=1.0,
+                   help="the pick under the table: the cheapest variant whose top-1 is within this many points of "
+                        "the best (with repeats: not shown to be worse by more)")
     g.add_argument("--resume", default=None, metavar="OUT",
                    help="finish the run in OUT: rerun only its unfinished variants, with the same settings")
     g.add_argument("--oom", default="fail", choices=("fail", "retry"),
@@ -102,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "compile in seconds, to check that every variant is captured)")
     g.add_argument("--split-trunk", default=True, action=argparse.BooleanOptionalAction,
                    help="run the frozen prefix apart, under no_grad in eval mode (needs --frozen-bn eval)")
+    g.add_argument("--breakdown", default=False, action=argparse.BooleanOptionalAction,
+                   help="after training, time a separate window of steps phase by phase (input wait, frozen forward, "
+                        "trainable forward, backward, optimizer), synchronising at every edge; kept out of images/s")
     g.add_argument("--feature-cache", default=False, action=argparse.BooleanOptionalAction,
                    help="with --augment none: run the frozen prefix once per image and train the rest from "
                         "its cached outputs (on the device, else in host memory)")
@@ -164,6 +176,8 @@ def default_data_dir() -> str:
 
 
 COMMANDS = ("list_profiles", "list_layers", "dry_run")  # flags that answer a question instead of running
+ALIASES = ("repeats",)  # flags that only spell another setting (--repeats N is --seeds 0..N-1)
+
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,10 @@ def parse_config(argv: list[str] | None = None) -> Invocation:
                       if any(arg == o or arg.startswith(o + "=") for o in a.option_strings for arg in argv))
     args["variant_specs"] = None if args["approaches"] or args["epoch_budgets"] else variant_specs
     args["data_dir"] = args["data_dir"] or default_data_dir()
+    if args["repeats"] is not None:
+        if args["seeds"] is not None:
+            raise ConfigError("--seeds and --repeats say the same thing; give one")
+        args["seeds"] = list(range(args["repeats"]))
     settings = Settings.from_flat(args)
     check_compile(settings, given)
     if settings.sweep.smoke:
@@ -257,6 +275,8 @@ def check(s: Settings) -> None:
     if speed.feature_cache and not s.splits_trunk:
         raise ConfigError("--feature-cache needs the frozen prefix split off (--split-trunk and --frozen-bn eval); "
                           "add --no-feature-cache")
+    if s.data.vary_split and not s.sweep.seeds:
+        raise ConfigError("--vary-split needs repeats (--seeds or --repeats)")
     if train.steps and train.max_steps:
         raise ConfigError("--steps (throughput mode) and --max-steps contradict each other; give one")
     evaluated = [f for f, on in (("--final-best", s.sweep.final_best), ("--early-stop", train.early_stop),

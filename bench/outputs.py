@@ -45,7 +45,7 @@ def best_key(row: dict) -> tuple:
 
 
 def write_artifacts(console: Console, score_best: bool, out: Path, run_info: dict, rows: list[dict],
-                    table, data: Dataset, best_path: Path, device: torch.device) -> None:
+                    aggregates: list[dict], table, data: Dataset, best_path: Path, device: torch.device) -> None:
     """Everything made from the finished results; a failure here is a warning: results.json is complete."""
     def attempt(what: str, fn):
         try:
@@ -58,12 +58,12 @@ def write_artifacts(console: Console, score_best: bool, out: Path, run_info: dic
         traced = trace_table(row)
         if traced is not None:
             console.print(traced)
-    plots = attempt("plots", lambda: write_plots(out, run_info, rows)) or []
+    plots = attempt("plots", lambda: write_plots(out, run_info, rows, aggregates)) or []
     evaluation = None
     if score_best and best_path.exists():
         evaluation = attempt("evaluating the best variant", lambda: evaluate_best(console, out, best_path, data, device))
     atomic_write(out / "table.txt", render_text(table))
-    atomic_write(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out))
+    atomic_write(out / "report.md", markdown_report(run_info, rows, plots, evaluation, out, aggregates))
     console.print(f"report: {out / 'report.md'}" + (f"; traces: tensorboard --logdir {run_info['trace_dir']}"
                                                      if any(r.get("trace") for r in rows) else ""))
 

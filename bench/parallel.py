@@ -50,6 +50,8 @@ def check_config(s: Settings, d: Dist) -> None:
     if s.train.batch_size == "auto":
         raise ConfigError("--batch-size auto searches each rank's device on its own and the ranks could "
                           "disagree; give --batch-size N (per rank) with --parallel data")
+    if s.speed.breakdown:  # its phases run the bare model, whose gradients DDP's hooks would try to reduce
+        raise ConfigError("--breakdown times one process's step; use --parallel variants (or one process) for it")
     if s.speed.feature_cache:
         raise ConfigError("--feature-cache is not sharded across ranks; use --no-feature-cache with "
                           "--parallel data, or --parallel variants")
@@ -196,10 +198,10 @@ class VariantQueue:
             time.sleep(self.POLL_S)
 
 
-def run_variant_queue(d: Dist, todo: list, run_one: Callable[[object, dict, Callable[[dict], None]], None],
+def run_variant_queue(d: Dist, todo: list, run_one: Callable[[object, Callable[[dict], None]], None],
                       on_row: Callable[[dict], None]) -> None:
     """--parallel variants: claim, train, publish until the queue is empty; rank 0 then waits for the
-    other ranks' rows. `run_one(variant, plan_row, on_row)` trains one variant (run_sweep of one)."""
+    other ranks' rows. `run_one(job, on_row)` trains one job of `todo` (a variant with a seed)."""
     queue = VariantQueue(len(todo), on_row if d.is_main else None)
 
     def publish(i: int):
@@ -210,8 +212,7 @@ def run_variant_queue(d: Dist, todo: list, run_one: Callable[[object, dict, Call
         return done
     try:
         while (i := queue.claim()) is not None:
-            variant, plan_row = todo[i]
-            run_one(variant, plan_row, publish(i))
+            run_one(todo[i], publish(i))
     except KeyboardInterrupt:
         if d.is_main:
             queue.collect(wait=False)  # what the other ranks finished before the stop

@@ -8,6 +8,7 @@ and missing values never raise.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 from matplotlib import colormaps
@@ -16,20 +17,26 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from bench.files import atomic_write
-from bench.report import what_ran
+from bench.report import display_rows, what_ran
 from bench.schema import TRAINED
+from bench.stats import repeated
 
 FIGSIZE, DPI = (12.0, 4.0), 100
 MARKERS = "osD^vP*Xph"
 
 
-def write_plots(out: Path, run: dict, rows: list[dict]) -> list[Path]:
-    """Draw every figure there is data for into `<out>/plots/`; the paths written, in a fixed order."""
-    styles = _styles(rows)
+def write_plots(out: Path, run: dict, rows: list[dict], aggregates: list[dict] | None = None) -> list[Path]:
+    """Draw every figure there is data for into `<out>/plots/`; the paths written, in a fixed order.
+    With repeats, the per-variant figures draw each variant's mean with its standard deviation as an
+    error bar, and the curves draw every seed."""
+    points = display_rows(rows, aggregates)  # one per variant: its row, or its aggregate over seeds
+    styles = _styles(points)
     written = []
-    for name, draw in (("curves.png", _curves), ("depth.png", _depth),
-                       ("accuracy_vs_gpu_time.png", _accuracy_vs_time)):
-        fig = draw(run, rows, styles)
+    per_seed = [{**r, "_repeated": True} for r in rows] if repeated(rows) else rows
+    for name, draw, data in (("curves.png", _curves, per_seed), ("depth.png", _depth, points),
+                             ("accuracy_vs_gpu_time.png", _accuracy_vs_time, per_seed),
+                             ("frontier.png", _frontier, points), ("breakdown.png", _breakdown, rows)):
+        fig = draw(run, data, styles)
         if fig is None:
             continue
         path = Path(out) / "plots" / name
@@ -89,26 +96,29 @@ def _depth(run: dict, rows: list[dict], styles: dict) -> Figure | None:
     panels = [("images_per_s", "training images/s", 1.0, "training throughput"),
               ("peak_mem_bytes", "peak memory (GiB)", 2.0 ** -30, "peak memory"),
               ("top1", f"{_split(run)} top-1 (%)", 1.0, f"{_split(run)} top-1")]
-    if not any(_num(r.get(key)) and r.get("status") in TRAINED for r in rows for key, *_ in panels):
+    if not any(_value(r, key) and _trained(r) for r in rows for key, *_ in panels):
         return None
     xs, ticks, numeric = x_positions(rows)
-    fig = _figure(run, "by unfreeze depth" if numeric else "by variant")
+    fig = _figure(run, ("by unfreeze depth" if numeric else "by variant") +
+                  (" (mean ± std over seeds)" if any(isinstance(r.get("n"), int) for r in rows) else ""))
     for ax, (key, ylabel, scale, title) in zip(fig.subplots(1, 3), panels):
-        good = [(x, r[key] * scale, r) for x, r in zip(xs, rows) if r.get("status") in TRAINED and _num(r.get(key))]
+        good = [(x, _value(r, key)[0] * scale, (_value(r, key)[1] or 0.0) * scale, r) for x, r in zip(xs, rows)
+                if _trained(r) and _value(r, key)]
         if numeric and good:
             # A neutral line shows the trend; the markers carry each variant's colour.
             ax.plot([g[0] for g in good], [g[1] for g in good], color="0.6", zorder=1)
-            for x, y, r in good:
-                ax.plot([x], [y], **styles[r.get("variant")], markersize=7, linestyle="none", zorder=2)
+            for x, y, err, r in good:
+                ax.errorbar([x], [y], yerr=[err] if err else None, **styles[r.get("variant")], markersize=7,
+                            linestyle="none", capsize=3, zorder=2)
         elif good:
-            ax.bar([g[0] for g in good], [g[1] for g in good], width=0.6,
-                   color=[styles[g[2].get("variant")]["color"] for g in good])
+            ax.bar([g[0] for g in good], [g[1] for g in good], width=0.6, yerr=[g[2] for g in good], capsize=3,
+                   color=[styles[g[3].get("variant")]["color"] for g in good])
         if key != "top1" or not numeric:
             ax.set_ylim(bottom=0)  # bars, throughput and memory read as ratios: from zero
         ax.margins(x=0.08)
         # A row without a value here is marked, not dropped: a red x on the floor and why.
         for x, r in zip(xs, rows):
-            if r.get("status") in TRAINED and _num(r.get(key)):
+            if _trained(r) and _value(r, key):
                 continue
             why = "withheld (overlap)" if r.get("status") == "overlap" else str(r.get("status"))
             ax.plot([x], [0], marker="x", color="red", markersize=9, mew=2, clip_on=False, zorder=3,
@@ -146,6 +156,59 @@ def _accuracy_vs_time(run: dict, rows: list[dict], styles: dict) -> Figure | Non
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     _legend(rows, ax)
+    return fig
+
+
+def _frontier(run: dict, rows: list[dict], styles: dict) -> Figure | None:
+    pick = run.get("recommendation")
+    pts = [(r, _value(r, "gpu_hours"), _value(r, "top1")) for r in rows if r.get("kind") != "final"]
+    pts = [(r, cost, acc) for r, cost, acc in pts if cost and acc]
+    if not pick or not pts:
+        return None
+    who = "GPU" if str(run.get("device_used", "")).startswith("cuda") else "device"
+    fig = _figure(run, f"{_split(run)} top-1 against {who}-hours per variant")
+    ax = fig.subplots()
+    for r, (cost, cost_sd), (acc, acc_sd) in pts:
+        ax.errorbar([cost], [acc], xerr=[cost_sd] if cost_sd else None, yerr=[acc_sd] if acc_sd else None,
+                    **styles[r.get("variant")], markersize=8, linestyle="none", capsize=3, label=_label(r))
+    on = {r.get("variant"): (cost[0], acc[0]) for r, cost, acc in pts}
+    line = [on[v] for v in pick["frontier"] if v in on]
+    ax.plot(*zip(*line), color="0.5", linestyle="--", zorder=0, label="frontier")
+    if pick["pick"] in on:
+        ax.plot(*on[pick["pick"]], marker="*", markersize=22, markerfacecolor="none", markeredgecolor="black",
+                linestyle="none", label=f"pick: {pick['pick']}")
+    ax.set(xlabel=f"{who}-hours per variant (mean over seeds where repeated)", ylabel=f"{_split(run)} top-1 (%)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8)
+    return fig
+
+
+PHASES = (("input_ms", "input wait"), ("frozen_forward_ms", "frozen forward"),
+          ("trainable_forward_ms", "trainable forward"), ("backward_ms", "backward"), ("optimizer_ms", "optimizer"))
+
+
+def _breakdown(run: dict, rows: list[dict], styles: dict) -> Figure | None:
+    done = [r for r in rows if isinstance(r.get("breakdown"), dict)]
+    names = list(dict.fromkeys(r["variant"] for r in done))
+    if not names:
+        return None
+    # with repeats, each variant's phases averaged over its seeds; None (no frozen prefix) counts as 0
+    mean = {n: {k: statistics.fmean(r["breakdown"][k] or 0.0 for r in done if r["variant"] == n) for k, _ in PHASES}
+            for n in names}
+    fig = _figure(run, "where a training step's time goes (synchronised at every phase edge)")
+    ax = fig.subplots()
+    bottom = [0.0] * len(names)
+    cmap = colormaps["Set2"]
+    for i, (key, label) in enumerate(PHASES):
+        heights = [mean[n][key] for n in names]
+        ax.bar(range(len(names)), heights, bottom=bottom, width=0.6, color=cmap(i), label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 6 else 0,
+                  ha="right" if len(names) > 6 else "center")
+    ax.set(ylabel="ms per step (median of each phase)", xlabel="variant")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, title="phase")
     return fig
 
 
@@ -200,7 +263,21 @@ def _num(value) -> bool:
 
 def _label(row: dict) -> str:
     status = row.get("status")
-    return str(row.get("variant")) if status == "ok" else f"{row.get('variant')} ({status})"
+    name = str(row.get("variant")) + (f" seed {row['seed']}" if row.get("_repeated") else "")
+    return name if status == "ok" else f"{name} ({status})"
+
+
+def _value(row: dict, key: str) -> tuple[float, float | None] | None:
+    """(value, spread) of a row's figure: a plain number, or an aggregate's mean and standard deviation."""
+    v = row.get(key)
+    if isinstance(v, dict) and _num(v.get("mean")):
+        return v["mean"], v.get("std")
+    return (v, None) if _num(v) else None
+
+
+def _trained(row: dict) -> bool:
+    """A row that trained to the end, or an aggregate with at least one such seed."""
+    return row.get("status") in TRAINED or (isinstance(row.get("n"), int) and row["n"] > 0)
 
 
 def _split(run: dict) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from bench.files import atomic_write
 from bench.schema import SCHEMA_VERSION, Status
+from bench.stats import repeated
 
 # (key, header, format) for the terminal table; README.md explains each column.
 COLUMNS = [
@@ -49,19 +50,38 @@ def what_ran(run: dict) -> str:
     return f"{' / '.join(map(str, models))} on {run.get('dataset')}, {' / '.join(map(str, sizes))} px"
 
 
-def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h") -> Table:
+def display_rows(rows: list[dict], aggregates: list[dict] | None) -> list[dict]:
+    """What the table shows: every row, or with repeats one line per variant whose figures are the
+    aggregates' {mean, std} and whose status counts the seeds that finished."""
+    if not aggregates or not repeated(rows):
+        return rows
+    shown = []
+    for a in aggregates:
+        status = Status.OK if a["n"] == a["runs"] and not a["failed"] else f"ok {a['n']}/{a['runs']}"
+        shown.append({**a, "status": status if a["n"] else next(iter(a["failed"].values()))})
+    return shown
+
+
+def cell(value, fmt) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):  # an aggregate over seeds
+        return fmt(value["mean"]) if value["std"] is None else f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+    return fmt(value)
+
+
+def results_table(rows: list[dict], title: str, device_hours_label: str = "GPU-h",
+                  aggregates: list[dict] | None = None) -> Table:
     table = Table(title=title)
-    names = max((len(str(r.get("variant", ""))) for r in rows), default=7)
+    shown_rows = display_rows(rows, aggregates)
+    names = max((len(str(r.get("variant", ""))) for r in shown_rows), default=7)
     shown = columns(rows)
     for key, header, _ in shown:
         header = header.replace("GPU-h", device_hours_label)
         table.add_column(header, justify="left" if key in ("variant", "unfreeze", "status") else "right",
                          min_width=names if key == "variant" else None)  # variant names whole, never cut
-    for row in rows:
-        cells = []
-        for key, _, fmt in shown:
-            value = row.get(key)
-            cells.append("-" if value is None else fmt(value))
+    for row in shown_rows:
+        cells = [cell(row.get(key), fmt) for key, _, fmt in shown]
         if row.get("status") != Status.OK:
             cells[3] = f"[red]{row.get('status')}[/red]"
         table.add_row(*cells)
@@ -77,10 +97,11 @@ def _flat(row: dict) -> dict:
     return flat
 
 
-def write_results(out: Path, run: dict, rows: list[dict]) -> None:
-    """results.json and results.csv (one flat row per variant, no history)."""
+def write_results(out: Path, run: dict, rows: list[dict], aggregates: list[dict] | None = None) -> None:
+    """results.json (with the aggregates over seeds) and results.csv (one flat row per variant and seed,
+    no history)."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema_version": SCHEMA_VERSION, "run": run, "rows": rows}
+    doc = {"schema_version": SCHEMA_VERSION, "run": run, "rows": rows, "aggregates": aggregates or []}
     atomic_write(out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     flat = [_flat(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
@@ -144,6 +165,31 @@ def trace_table(row: dict, top: int = 5) -> Table | None:
     return table
 
 
+def decision_lines(run: dict) -> list[str]:
+    """The pick and the paired comparisons, as Markdown lines (empty without accuracy)."""
+    lines = []
+    pick = run.get("recommendation")
+    if pick:
+        lines += ["", "## The depth to pick", "", pick["sentence"],
+                  "", f"Frontier of GPU-hours against top-1 (no other variant is cheaper and at least as accurate): "
+                      f"{', '.join(pick['frontier'])}. Tolerance {pick['tolerance']:g} points (--tolerance)."]
+    if run.get("comparisons"):
+        lines += ["", "| from | to | top-1 change (points) | 95 % interval | seeds | distinguishable |",
+                  "|---|---|---|---|---|---|"]
+        for c in run["comparisons"]:
+            lo, hi = c["ci95"]
+            lines.append(f"| {c['from']} | {c['to']} | {c['mean']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {len(c['seeds'])} | "
+                         f"{'yes' if c['distinguishable'] else 'no'} |")
+    return lines
+
+
+def comparison_lines(run: dict) -> list[str]:
+    """The paired comparisons for the terminal, one line each."""
+    return [f"{c['to']} vs {c['from']}: top-1 {c['mean']:+.2f} points [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] over "
+            f"{len(c['seeds'])} seeds, {'distinguishable from zero' if c['distinguishable'] else 'within the noise'}"
+            for c in run.get("comparisons") or []]
+
+
 def render_text(renderable, width: int = 200) -> str:
     """A rich renderable as plain text (the saved copy of the terminal table)."""
     console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
@@ -155,7 +201,8 @@ def _md_cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: dict | None, out: Path) -> str:
+def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: dict | None, out: Path,
+                    aggregates: list[dict] | None = None) -> str:
     """`report.md`: the results table, the plots, the trace summaries with links, the best variant's
     evaluation. Paths are relative to `out`, so the folder can be moved or zipped whole."""
     env = run.get("env", {})
@@ -170,12 +217,17 @@ def markdown_report(run: dict, rows: list[dict], plots: list[Path], evaluation: 
              "", "## Results", "",
              "| " + " | ".join(h.replace("GPU-h", hours) for _, h, _ in shown) + " |",
              "|" + "---|" * len(shown)]
-    for row in rows:
-        cells = ["-" if row.get(k) is None else fmt(row[k]) for k, _, fmt in shown]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    for row in display_rows(rows, aggregates):
+        lines.append("| " + " | ".join(_md_cell(cell(row.get(k), fmt)) for k, _, fmt in shown) + " |")
+    if aggregates and repeated(rows):
+        lines += ["", f"Each line is the mean ± standard deviation over the seeds that finished "
+                      f"({', '.join(str(a['variant']) + ': ' + str(a['n']) for a in aggregates)}); every seed's "
+                      f"row is in "
+                      f"results.json."]
     failed = [r for r in rows if r.get("status") != Status.OK]
     if failed:
-        lines += [""] + [f"- `{r['variant']}`: {r['status']}: {r.get('error')}" for r in failed]
+        lines += [""] + [f"- `{r['variant']}` (seed {r.get('seed')}): {r['status']}: {r.get('error')}" for r in failed]
+    lines += decision_lines(run)
     lines += ["", "Full figures: [results.json](results.json), [results.csv](results.csv); "
                   "the terminal table: [table.txt](table.txt)."]
     if plots:

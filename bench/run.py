@@ -11,11 +11,13 @@ and writes, except each rank's own profiler traces.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import sys
 import traceback
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,10 +34,11 @@ from bench.flops import matmul_ceiling_tflops
 from bench.inputs import load_splits, make_loader, resolve_device
 from bench.measure import environment, measure_loader, process_wall_s
 from bench.outputs import Checkpoints, best_key, write_artifacts
-from bench.report import LiveProgress, results_table, what_ran, write_results
+from bench.report import LiveProgress, comparison_lines, results_table, what_ran, write_results
 from bench.schema import FINISHED, Status, saved_rows
 from bench.settings import Settings
 from bench.signals import StopSignal, Terminated, interrupt_exit_code
+from bench.stats import aggregate, comparisons, recommend
 from bench.sweep import plan_variants, run_sweep
 from bench.train import PRECISIONS
 from bench.variants import Variant, make_variants
@@ -134,16 +137,18 @@ def leakage_guard(train, evaluation, allow: bool, console: Console) -> tuple[int
 
 
 def final_variant(s: Settings, variants: list[Variant], rows: list[dict]) -> Variant | None:
-    """With --final-best: the best `ok` variant on validation, to retrain with --final; None when there
-    is none, or when a resumed run already has the final row."""
+    """With --final-best: the best `ok` variant on validation, to retrain with --final (once, with
+    --seed); None when there is none, or when a resumed run already has the final row."""
     if not s.sweep.final_best or s.data.final or any(r.get("kind") == "final" and r["status"] in FINISHED
                                                      for r in rows):
         return None
     scored = [r for r in rows if r["status"] == Status.OK and r.get("kind") != "final"]
     if not scored:
         return None
-    best = max(scored, key=lambda r: r["top1"])
-    source = next(v for v in variants if v.name == best["variant"])
+    # with repeats, the best mean over seeds; ties go to the earlier variant
+    names = list(dict.fromkeys(r["variant"] for r in scored))
+    best = max(names, key=lambda n: statistics.fmean(r["top1"] for r in scored if r["variant"] == n))
+    source = next(v for v in variants if v.name == best)
     return Variant(f"final-{source.name}", "final", {**source.overrides, "final": True})
 
 
@@ -163,8 +168,9 @@ class Run:
         self.s = invocation.settings
         self.out: Path | None = None
         self.rows: list[dict] = []
+        self.todo: list[Job] = []
+        self.aggregates: list[dict] = []
         self.run_info: dict = {}
-        self.sweeping = False
 
     # -- prepare ---------------------------------------------------------------------------------------
 
@@ -212,7 +218,7 @@ class Run:
             raise ConfigError(message if rank == 0 else f"{message} (rank {rank})")
         # rank 0's directory (its clock named it) and what a resumed run keeps, on every rank
         self.out, kept, self.saved_run = distributed.broadcast_object(result)
-        self.rows = list(kept)
+        self.rows = [{**r, "seed": self.seed_of(r)} for r in kept]  # rows of schemas before 5 carry no seed
         self.ctx = RunContext(device, dist, s.output.parallel,
                               trace_dir=Path(s.output.trace_dir or self.out / "traces") if trace else None,
                               trace_steps=s.output.trace_steps)
@@ -257,17 +263,19 @@ class Run:
         # --resume: keep what finished, run the rest; rows stay in the order of the variants.
         self.rows = sorted((r for r in self.rows if r["variant"] in self.order or r.get("kind") == "final"),
                            key=self.position)
-        done = {r["variant"] for r in self.rows}
-        self.todo = [(v, p) for v, p in zip(variants, self.plans) if v.name not in done]
+        done = {(r["variant"], self.seed_of(r)) for r in self.rows}
+        self.todo = [Job(seed, v, p) for seed in self.seeds for v, p in zip(variants, self.plans)
+                     if (v.name, seed) not in done]
         self.run_info["resumed_rows"] = len(self.rows)
         self.save()
         if s.output.resume:
-            console.print(f"resuming {self.out}: {len(self.rows)} finished variants kept, {len(self.todo)} to run")
+            console.print(f"resuming {self.out}: {len(self.rows)} finished rows kept, {len(self.todo)} to run")
         console.print(f"[bold]{s.output.profile}[/bold]: {what_ran(self.run_info)} ({len(self.train)} train / "
                       f"{len(self.evaluation)} {s.data.scored_split} images) on {self.run_info['env']['device']} "
                       f"({ctx.device.type}), {len(variants)} variants -> {self.out}")
-        self.run_info["eval_overlap"], self.withhold = leakage_guard(self.train, self.evaluation,
-                                                                     s.data.allow_overlap, console)
+        self.run_info["eval_overlap"], withhold = leakage_guard(self.train, self.evaluation,
+                                                                s.data.allow_overlap, console)
+        self.split_cache = {s.train.seed: ((self.train, self.evaluation), withhold)}
         # Input alone, at the run's settings: can the loader keep up with the fastest variant?
         # Under --parallel data every rank measures its own shard at the same time, and the rates add up.
         if dist.is_main or ctx.data_parallel:
@@ -300,35 +308,39 @@ class Run:
                                                    self.data.classes)
         row_sink = parallel.DataParallelRows(dist, self.on_row) if ctx.data_parallel else self.on_row
         spread = dist.world_size > 1 and not ctx.data_parallel  # --parallel variants under torchrun
-        self.sweeping = True
         with StopSignal() as stop, LiveProgress(self.console, len(self.todo)) as live:
             def on_progress(**progress) -> None:  # every training step
                 stop.raise_if_received()
                 live.update(**progress)
 
-            def sweep(variants, plans, splits, sink, trained_hook, withhold):
-                return run_sweep(s, ctx, variants, plans, splits, self.data.num_classes, self.pretrained,
-                                 on_row=sink, on_progress=on_progress, withhold=withhold, on_trained=trained_hook)
-            splits = (self.train, self.evaluation)
+            def sweep(jobs: list[Job], sink, trained_hook, final_splits=None):
+                seed = jobs[0].seed
+                if final_splits is None:
+                    splits, withhold = self.splits_for(seed)
+                else:
+                    splits, (_, withhold) = final_splits, leakage_guard(*final_splits, s.data.allow_overlap,
+                                                                        self.console)
+                return run_sweep(s.replace(seed=seed), ctx, [j.variant for j in jobs], [j.plan for j in jobs], splits,
+                                 self.data.num_classes, self.pretrained, on_row=sink, on_progress=on_progress,
+                                 withhold=withhold, on_trained=trained_hook)
             if spread:  # each rank trains whole variants from a shared queue
-                parallel.run_variant_queue(dist, self.todo, lambda v, p, publish: sweep(
-                    [v], [p], splits, publish, candidates.on_trained, self.withhold), self.on_row)
+                parallel.run_variant_queue(dist, self.todo, lambda job, publish: sweep([job], publish,
+                                                                                       candidates.on_trained),
+                                           self.on_row)
                 if not dist.is_main:
                     distributed.destroy()
                     return False
                 best = max((r for r in self.rows if r.get("status") == Status.OK), key=best_key, default=None)
-                candidates.promote(best, self.checkpoints.best_path, {v.name for v, _ in self.todo})
+                candidates.promote(best, self.checkpoints.best_path, {j.variant.name for j in self.todo})
                 self.checkpoints.best = best_key(best) if best is not None else None
             else:
-                sweep([v for v, _ in self.todo], [p for _, p in self.todo], splits, row_sink, on_trained,
-                      self.withhold)
+                for _, jobs in itertools.groupby(self.todo, key=lambda j: j.seed):  # seed by seed: one split each
+                    sweep(list(jobs), row_sink, on_trained)
             final = final_variant(s, self.variants, self.rows)
             if final is not None:  # seed 000's last step: the best variant, on train + val, scored on test
-                splits = select_splits(self.data, s.data.eval_split, final=True)
-                _, withhold = leakage_guard(*splits, s.data.allow_overlap, self.console)
-                sweep([final], plan_variants(s, [final], self.data.num_classes), splits, row_sink,
-                      self.checkpoints.on_trained if spread else on_trained, withhold)
-        self.sweeping = False
+                sweep([Job(s.train.seed, final, plan_variants(s, [final], self.data.num_classes)[0])], row_sink,
+                      self.checkpoints.on_trained if spread else on_trained,
+                      select_splits(self.data, s.data.eval_split, final=True))
         distributed.destroy()  # after a failure, the exit tears the process group down instead
         return dist.is_main
 
@@ -347,13 +359,18 @@ class Run:
         table = results_table(self.rows, f"{s.output.profile}: {what_ran(self.run_info)}, {ctx.device.type} "
                                          f"({self.run_info['env']['device']}); whole run so far "
                                          f"{self.run_info['wall_s']:,.1f} s = {self.run_info['device_hours']:.4f} "
-                                         f"{hours}", hours)
+                                         f"{hours}", hours, self.aggregates)
         console.print(table)
+        pick = self.run_info["recommendation"]
+        if pick:
+            console.print(pick["sentence"])
+        for line in comparison_lines(self.run_info):
+            console.print(line)
         loader_speed = self.run_info["loader_images_per_s"]
         console.print(f"loader alone: {'-' if loader_speed is None else f'{loader_speed:,.0f}'} img/s "
                       f"({s.data.loader}); results: {self.out / 'results.json'}, {self.out / 'results.csv'}")
-        write_artifacts(console, s.output.evaluate_best, self.out, self.run_info, self.rows, table, self.data,
-                        self.checkpoints.best_path, ctx.device)
+        write_artifacts(console, s.output.evaluate_best, self.out, self.run_info, self.rows, self.aggregates, table,
+                        self.data, self.checkpoints.best_path, ctx.device)
         self.save()
         console.print(f"whole run: {self.run_info['wall_s']:,.1f} s = {self.run_info['device_hours']:.4f} {hours} "
                       f"(start-up, every variant, the best variant's evaluation, plots and report)")
@@ -362,8 +379,8 @@ class Run:
     def interrupted(self, error: KeyboardInterrupt) -> None:
         """Ctrl-C or SIGTERM during the sweep: the table so far, and how to finish."""
         finished = sum(r["status"] in FINISHED for r in self.rows)
-        self.console.print(results_table(self.rows, f"interrupted: {finished}/{len(self.variants)} variants finished",
-                                         self.hours_label))
+        self.console.print(results_table(self.rows, f"interrupted: {finished}/{len(self.todo) + len(self.rows)} rows "
+                                                    f"finished", self.hours_label, self.aggregates))
         if self.dist.is_main:
             print(f"bench.run: {'terminated' if isinstance(error, Terminated) else 'interrupted'}; finished variants "
                   f"are in {self.out}/results.json; finish with --resume {self.out}", file=sys.stderr)
@@ -375,8 +392,27 @@ class Run:
         self.plans = plan_variants(self.s, self.variants, num_classes(self.s.data.dataset, self.s.data.num_classes))
         self.order = {v.name: i for i, v in enumerate(self.variants)}
 
-    def position(self, row: dict) -> int:
-        return self.order.get(row["variant"], len(self.order))  # the --final-best row comes last
+    @property
+    def seeds(self) -> list[int]:
+        return self.s.sweep.seeds or [self.s.train.seed]
+
+    def seed_of(self, row: dict) -> int:
+        return row.get("seed", self.s.train.seed)  # rows of runs before repeats carry no seed
+
+    def position(self, row: dict) -> tuple[int, int]:
+        """Variant by variant (the --final-best row last), seed by seed within one."""
+        seed = self.seed_of(row)
+        return self.order.get(row["variant"], len(self.order)), self.seeds.index(seed) if seed in self.seeds else 0
+
+    def splits_for(self, seed: int) -> tuple[tuple, str | None]:
+        """The (train, evaluation) splits a seed trains on, and why accuracy must be withheld (the
+        leakage guard): the run's own, or with --vary-split the seed's."""
+        seed = seed if self.s.data.vary_split else self.s.train.seed
+        if seed not in self.split_cache:
+            _, train, evaluation = load_splits(self.s.replace(seed=seed))
+            _, withhold = leakage_guard(train, evaluation, self.s.data.allow_overlap, self.console)
+            self.split_cache[seed] = ((train, evaluation), withhold)
+        return self.split_cache[seed]
 
     @property
     def hours_label(self) -> str:
@@ -389,10 +425,28 @@ class Run:
         self.run_info["wall_s"] = round(self.run_info.get("earlier_wall_s", 0.0) + process_wall_s(), 3)
         self.run_info["device_hours"] = self.run_info["wall_s"] * self.dist.world_size / 3600.0
 
+    def summarise(self) -> None:
+        """The aggregates over seeds, the paired comparisons of neighbours, and the pick."""
+        names = list(dict.fromkeys([*self.order, *(r["variant"] for r in self.rows)]))
+        self.aggregates = aggregate(self.rows, names)
+        swept = [r for r in self.rows if r.get("kind") != "final"]
+        self.run_info["comparisons"] = comparisons(swept, list(self.order))
+        self.run_info["recommendation"] = recommend([a for a in self.aggregates if a["kind"] != "final"], swept,
+                                                    self.s.output.tolerance, self.hours_label[:-1] + "hour")
+
     def save(self) -> None:
         self.whole_run()
+        self.summarise()
         if self.dist.is_main:
-            write_results(self.out, self.run_info, self.rows)
+            write_results(self.out, self.run_info, self.rows, self.aggregates)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One variant trained with one seed."""
+    seed: int
+    variant: Variant
+    plan: dict
 
 
 def answer(invocation: Invocation, console: Console) -> int:

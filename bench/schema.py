@@ -11,8 +11,9 @@ from enum import StrEnum
 #    is the device's idle share of the timed steps; device_peak_mem_bytes beside torch's peak_mem_bytes;
 #    the whole run's wall_s and device_hours, and the TF32 settings, in run.
 # 4: the rows are under `rows` (they were under `depths`, which also held approach, budget and final rows).
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # what --resume reads
+# 5: repeats: every row has its `seed`; `aggregates` (mean, std, min, max, ci95 per figure and variant);
+#    run.recommendation (the pick and the frontier) and run.comparisons (neighbours, paired by seed).
+SCHEMA_VERSION = 5
 
 
 class Status(StrEnum):
@@ -33,7 +34,10 @@ _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
 # Every row, whatever its status.
 ROW_ALWAYS = {"variant": str, "kind": str, "unfreeze": (int, str), "unit": str, "trainable_params": int,
-              "trainable_tensors": int, "trainable_layers": list, "status": str, "error": (str, type(None))}
+              "trainable_tensors": int, "trainable_layers": list, "seed": int, "status": str,
+              "error": (str, type(None))}
+AGGREGATE = {"variant": str, "n": int, "runs": int, "seeds": list, "failed": dict}
+SPREAD = {"mean": _NUM, "std": _OPT_NUM, "min": _NUM, "max": _NUM, "n": int}
 # Rows that trained to the end (ok, overlap).
 ROW_TRAINED = {"images_per_s": _NUM, "eval_images_per_s": _OPT_NUM, "step_ms_median": _NUM, "data_wait_pct": _NUM,
                "peak_mem_bytes": int, "compile_s": _NUM, "epochs": int, "steps": int, "top1": _OPT_NUM,
@@ -67,6 +71,13 @@ def validate_results(doc: dict) -> list[str]:
         return errors + ["'run' must be an object and 'rows' a list"]
     errors += _check(run, RUN, "run")
     errors += [f"run.env: missing {k!r}" for k in ENV if k not in run.get("env", {})]
+    aggregates = doc.get("aggregates")
+    if not isinstance(aggregates, list):
+        return errors + ["'aggregates' must be a list"]
+    for i, agg in enumerate(aggregates):
+        errors += _check(agg, AGGREGATE, f"aggregates[{i}]")
+        errors += [e for f in ("top1", "images_per_s") if isinstance(agg.get(f), dict)
+                   for e in _check(agg[f], SPREAD, f"aggregates[{i}].{f}")]
     for i, row in enumerate(rows):
         where = f"rows[{i}]"
         errors += _check(row, ROW_ALWAYS, where)

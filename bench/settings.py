@@ -28,6 +28,7 @@ class DataSettings:
     final: bool
     allow_overlap: bool
     workers: int
+    vary_split: bool         # with repeats: each seed also draws its own validation split
 
     @property
     def scored_split(self) -> str:
@@ -85,6 +86,7 @@ class SpeedSettings:
     compile_backend: str
     split_trunk: bool
     feature_cache: bool
+    breakdown: bool          # a separate, synchronised window per variant timing each phase of the step
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class SweepSettings:
     variant_specs: list | None  # a profile's [[variants]] tables
     smoke: bool
     final_best: bool
+    seeds: list | None       # repeats: every variant trains once per seed (--seeds, --repeats)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class OutputSettings:
     evaluate_best: bool
     parallel: str
     dist_timeout: int
+    tolerance: float         # the pick: the cheapest variant within this many top-1 points of the best
 
 
 GROUPS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings, "speed": SpeedSettings,

@@ -62,7 +62,7 @@ def run_with_oom_policy(s: Settings, variant: Variant, plan_row: dict, run: Call
         release_memory(device)
         if s.train.oom != "retry" or batch == 1:
             return failed_row(variant, plan_row, Status.OOM, torch.OutOfMemoryError(message),
-                              batch_size=failed[-1], oom_batch_sizes=failed)
+                              seed=s.train.seed, batch_size=failed[-1], oom_batch_sizes=failed)
         half = batch // 2
         s = s.replace(batch_size=half, lr=s.train.lr * half / batch if s.train.oom_scale_lr else s.train.lr)
 
@@ -91,14 +91,14 @@ def run_sweep(base: Settings, ctx: RunContext, variants: list[Variant], plans: l
             if withhold and row["status"] == Status.OK:
                 row = withhold_accuracy(row, withhold)
         except NonFiniteLoss as e:
-            row = failed_row(variant, plan_row, Status.NAN, e, nan_step=e.step)
+            row = failed_row(variant, plan_row, Status.NAN, e, seed=base.train.seed, nan_step=e.step)
         except KeyboardInterrupt as e:
-            row = failed_row(variant, plan_row, Status.INTERRUPTED, e)
+            row = failed_row(variant, plan_row, Status.INTERRUPTED, e, seed=base.train.seed)
             rows.append(row)
             on_row(row)
             raise
         except Exception as e:  # recorded in the row; the sweep goes on with the next variant
-            row = failed_row(variant, plan_row, Status.ERROR, e)
+            row = failed_row(variant, plan_row, Status.ERROR, e, seed=base.train.seed)
         release_memory(ctx.device)
         rows.append(row)
         on_row(row)

@@ -5,6 +5,7 @@ step would stall the GPU queue every step (and make images/s correct only by acc
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -207,6 +208,64 @@ class Trainer:
                          pad_partial=self.compiled, all_ranks=self.data_parallel)
         self.device_peak.sample()
         return stats
+
+
+    def phases(self, loader, trunk: nn.Module | None, tail: nn.Module, *, steps: int, warmup: int) -> dict:
+        """--breakdown: the training step cut at its phase edges (input wait, the frozen prefix's
+        forward, the trainable part's forward and loss, backward, optimizer), with a synchronisation
+        at every edge; the median of each phase over `steps` steps after `warmup`, in ms, and the
+        median whole step (`step_ms`). Eager modules, one rank alone: the extra synchronisations and
+        the missing overlap make this a picture of where time goes, not a throughput figure. The
+        model, optimizer and loss scaler are restored afterwards, so the trained weights are as the
+        row reports them. `trunk` None: nothing frozen runs apart (its time is in the forward)."""
+        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
+                 copy.deepcopy(self.scaler.state_dict()))
+        times: dict[str, list[float]] = {k: [] for k in (*PHASES, "step_ms")}
+        batches = iter(loader)
+        try:
+            for i in range(warmup + steps):
+                synchronize(self.device)
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:  # a short split: the next epoch
+                    batches = iter(loader)
+                    batch = next(batches)
+                x, y = batch
+                edges = [t0, self._edge()]
+                with self.autocast():
+                    if trunk is not None:
+                        with torch.no_grad():
+                            x = trunk(x)
+                    edges.append(self._edge())
+                    loss = self.criterion(tail(x), y)
+                edges.append(self._edge())
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                edges.append(self._edge())
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                edges.append(self._edge())
+                if i >= warmup:
+                    for key, start, end in zip(PHASES, edges, edges[1:]):
+                        times[key].append(1e3 * (end - start))
+                    times["step_ms"].append(1e3 * (edges[-1] - edges[0]))
+            for _ in batches:  # let DALI finish the epoch it started
+                pass
+        finally:
+            self.model.load_state_dict(saved[0])
+            self.optimizer.load_state_dict(saved[1])
+            self.scaler.load_state_dict(saved[2])
+        out = {key: round(float(np.median(v)), 3) for key, v in times.items()}
+        if trunk is None:
+            out["frozen_forward_ms"] = None
+        return {**out, "steps": steps, "warmup": warmup}
+
+    def _edge(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+
+PHASES = ("input_ms", "frozen_forward_ms", "trainable_forward_ms", "backward_ms", "optimizer_ms")
 
 
 # no_grad, not inference_mode: inference tensors would make a compiled forward recompile

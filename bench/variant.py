@@ -30,6 +30,9 @@ from models import FreezePlan, SplitModel, apply_unfreeze, build_model, set_trai
 from pipelines import Split
 
 
+BREAKDOWN_WARMUP, BREAKDOWN_STEPS = 3, 10  # --breakdown's window, after training
+
+
 def variant_settings(base: Settings, variant: Variant, ctx: RunContext) -> Settings:
     """The settings a variant trains with: its overrides, and the learning rate for the global batch
     under --parallel data with --lr-scale-world."""
@@ -156,7 +159,15 @@ class VariantRun:
                 record["elapsed_s"] = round(time.perf_counter() - self.start, 3)
                 if self.stopper.should_stop(ev):
                     break
-        return self.row(history, epochs, ev, train_acc_s)
+        row = self.row(history, epochs, ev, train_acc_s)
+        if self.s.speed.breakdown:  # after the row's clock stopped: kept out of its time and images/s
+            split = self.network.split
+            frozen = split is not None and not self.caches  # from the cache, the trunk already ran
+            set_train_mode(self.network.model, self.network.plan, self.s.model.frozen_bn)  # evaluation left it in eval
+            row["breakdown"] = self.trainer.phases(self.train_loader, split.trunk if frozen else None,
+                                                   split.tail if split is not None else self.network.model,
+                                                   steps=BREAKDOWN_STEPS, warmup=BREAKDOWN_WARMUP)
+        return row
 
     def ticker(self, epoch: int) -> Callable[[int, int], None]:
         def tick(step: int, images: int) -> None:
@@ -179,6 +190,7 @@ class VariantRun:
         split = self.network.split
         row = {
             **plan_fields(self.variant, self.network.plan),
+            "seed": s.train.seed,
             "status": Status.OK,
             "error": None,
             "mode": "throughput" if self.throughput else "train",

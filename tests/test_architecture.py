@@ -10,7 +10,8 @@ PACKAGES = ("bench", "pipelines", "models", "profiles")
 # only when chosen, so a machine without DALI still runs the others.
 LAZY = {("pipelines.registry", "pipelines.dali"), ("pipelines.registry", "pipelines.torch_loader"),
         ("pipelines.registry", "pipelines.torchvision_loader")}
-ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.suite.cli", "bench.suite.__main__"}
+ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.suite.cli",
+                "bench.suite.__main__"}
 
 
 def module_name(path: Path) -> str:

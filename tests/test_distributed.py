@@ -186,7 +186,7 @@ def test_what_a_configuration_means_on_a_rank():
     assert spread.shard == (0, 1) and variant_settings(s, variant, spread).train.lr == 0.1  # one device per variant
     assert RunContext(CPU).shard == (0, 1)  # one process
     check_config(s, Dist(1, 4))
-    for bad in ({"oom": "retry"}, {"feature_cache": True}, {"batch_size": "auto"}):
+    for bad in ({"oom": "retry"}, {"feature_cache": True}, {"batch_size": "auto"}, {"breakdown": True}):
         with pytest.raises(ConfigError):
             check_config(s.replace(**bad), Dist(1, 4))
         check_config(s.replace(**bad, parallel="variants"), Dist(1, 4))

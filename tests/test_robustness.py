@@ -304,11 +304,17 @@ def test_schema_validator_rejects_what_it_should():
                                                      "variants": [], "world_size": 1, "ceiling_tflops": 1.0,
                                                      "tf32": {}, "wall_s": 1.0, "device_hours": 0.0003,
                                         "env": {k: "" for k in ("python", "torch", "torchvision", "dali", "cuda",
-                                                                "device", "device_count")}}, "rows": []}
+                                                                "device", "device_count")}}, "rows": [],
+           "aggregates": []}
     assert validate_results(out) == []
+    assert validate_results({**out, "aggregates": None}) == ["'aggregates' must be a list"]
+    assert validate_results({**out, "aggregates": [{"variant": "v", "n": 1, "runs": 1, "seeds": [0], "failed": {},
+                                                    "top1": {"mean": 1.0}}]}) == \
+        ["aggregates[0].top1: missing 'std'", "aggregates[0].top1: missing 'min'", "aggregates[0].top1: missing 'max'",
+         "aggregates[0].top1: missing 'n'"]
     assert validate_results({**out, "schema_version": 0}) == ["schema_version is 0"]
     bad_row = {"variant": "v", "kind": "depth", "unfreeze": 1, "unit": "module", "trainable_params": 1,
-               "trainable_tensors": 1, "trainable_layers": [], "status": "ok", "error": None}
+               "trainable_tensors": 1, "trainable_layers": [], "seed": 0, "status": "ok", "error": None}
     errors = validate_results({**out, "rows": [bad_row]})
     assert any("missing 'images_per_s'" in e for e in errors) and any("needs top1" in e for e in errors)
     assert any("status 'weird'" in e for e in validate_results({**out, "rows": [{**bad_row, "status": "weird"}]}))

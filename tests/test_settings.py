@@ -22,9 +22,9 @@ def test_a_variant_is_a_replace_and_the_settings_are_frozen():
 
 
 def test_every_flag_is_a_setting_or_a_command():
-    from bench.config import COMMANDS, get_args_parser
+    from bench.config import ALIASES, COMMANDS, get_args_parser
     dests = {a.dest for a in get_args_parser()._actions} - {"help"}
-    assert dests - set(GROUP_OF) == set(COMMANDS)
+    assert dests - set(GROUP_OF) == set(COMMANDS) | set(ALIASES)
     assert set(GROUP_OF) - dests == {"variant_specs"}  # a profile's [[variants]] tables
 
 

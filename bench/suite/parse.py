@@ -13,7 +13,7 @@ RUN_FIELDS = ("model", "image_size", "batch_size", "precision", "loader", "chann
               "ceiling_tflops", "ceiling_dtype", "tf32", "loader_images_per_s", "wall_s", "device_hours")
 ROW_FIELDS = ("unfreeze", "status", "error", "images_per_s", "tail_images_per_s", "step_ms_median",
               "data_wait_pct", "peak_mem_bytes", "device_peak_mem_bytes", "mfu", "compile_s", "compile_graphs",
-              "wall_s", "gpu_hours", "top1")
+              "wall_s", "gpu_hours", "top1", "breakdown")
 TIMM_FIELDS = ("model", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
                "param_count")
 

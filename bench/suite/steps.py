@@ -187,6 +187,9 @@ STEPS = (
     Step("loaders", "bench.loaders: dali, torch and torchvision alone", 120, 30, loaders_command, parse_loaders),
     Step("dali", "throughput with --loader dali, unfreeze 1 and all", 120, 45,
          bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali")),
+    Step("breakdown", "each depth's step phase by phase (--breakdown): input, frozen forward, trainable forward, "
+                      "backward, optimizer", 120, 45,
+         bench_run({"breakdown": True, "unfreeze": "1,6,12,25,all"}, rehearse={"unfreeze": "1,all"}), parse_run),
     Step("seed000", "--profile seed000-layerwise at full size on synthetic CIFAR-100-shaped data (--smoke rehearsed)",
          360, 60, study_command, parse_run),
     # Steps past the profiler's window (its 1 warm-up + --trace-steps, after the warm-up steps), or

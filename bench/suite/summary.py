@@ -12,7 +12,9 @@ TARGET_SOURCE = {  # target -> (the bench.run step whose ceiling is beside it, t
     "dali_loader_speedup": ("dali", None), "dali_data_wait_pct": ("dali", None),
     "study_gpu_minutes": ("seed000", None), "compile_overhead_pct": ("compile", None),
     "timm_ratio": ("throughput", "all")}
-RUN_STEPS = ("throughput", "compile", "fp16", "nchw", "dali", "trace", "seed000")
+RUN_STEPS = ("throughput", "compile", "fp16", "nchw", "dali", "breakdown", "trace", "seed000")
+PHASES = (("input_ms", "input"), ("frozen_forward_ms", "frozen fwd"), ("trainable_forward_ms", "trainable fwd"),
+          ("backward_ms", "backward"), ("optimizer_ms", "optimizer"))
 HEADER = ["| figure | measured | target | result | ceiling in the same run | notes |", "|---|---|---|---|---|---|"]
 
 
@@ -86,6 +88,8 @@ def run_row_line(records: dict, step: str, variant: str, row: dict) -> str:
                      + (f", {graphs} graph{'s' * (graphs != 1)}" if graphs is not None else ""))
     if row.get("trace"):
         notes.append(f"idle {number(row['trace'].get('idle_pct'), '%')}, layout copies {row['trace'].get('layout_copies')}")
+    if isinstance(row.get("breakdown"), dict):  # synchronised phases, ms per step
+        notes.append("phases " + ", ".join(f"{label} {number(row['breakdown'].get(key), 'ms')}" for key, label in PHASES))
     return (f"| {step}: {variant} | {number(row.get('images_per_s'), 'img/s')} | – | – | "
             f"{ceiling_note(records, step, str(row.get('unfreeze')))} | {', '.join(notes)} |")
 
