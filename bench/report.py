@@ -66,7 +66,13 @@ def cell(value, fmt) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict):  # an aggregate over seeds
-        return fmt(value["mean"]) if value["std"] is None else f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+        if value["std"] is None:
+            return fmt(value["mean"])
+        mean, std = fmt(value["mean"]), fmt(value["std"])
+        unit = mean.rpartition(" ")[2]
+        if " " in mean and std.endswith(" " + unit):  # 1.04 ± 0.11 GiB, not 1.04 GiB ± 0.11 GiB
+            mean = mean.rpartition(" ")[0]
+        return f"{mean} ± {std}"
     return fmt(value)
 
 
@@ -190,7 +196,7 @@ def comparison_lines(run: dict) -> list[str]:
             for c in run.get("comparisons") or []]
 
 
-def render_text(renderable, width: int = 200) -> str:
+def render_text(renderable, width: int = 240) -> str:
     """A rich renderable as plain text (the saved copy of the terminal table)."""
     console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
     console.print(renderable)

@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         dist = distributed.from_env()  # torchrun's RANK / WORLD_SIZE; rank 0 of 1 without it
         # Piped output (CI logs, files) gets rich's 80-column default; the results table needs more.
         # Under torchrun only rank 0 prints: the other ranks' output would repeat it.
-        console = (Console() if sys.stdout.isatty() else Console(width=200)) if dist.is_main else Console(quiet=True)
+        console = (Console() if sys.stdout.isatty() else Console(width=240)) if dist.is_main else Console(quiet=True)
         invocation = parse_config(argv)
         if invocation.settings.output.resume:  # every rank reads the saved settings: OUT must be shared
             invocation = resumed(invocation, read_saved_run(Path(invocation.settings.output.resume))[0])

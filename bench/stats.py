@@ -122,6 +122,10 @@ def recommend(aggregates: list[dict], rows: list[dict], tolerance: float, hours:
     else:
         sentence = (f"{pick.variant} reaches {pick.top1:.1f} %, {gap:.1f} points below the best ({best.variant}, "
                     f"{best.top1:.1f} %), at {100 * share:.0f} % of its {hours.split('-')[0]} time")
+        if gap > tolerance:  # chosen by the interval: say how wide it is, the next seeds may narrow it
+            lo, hi = paired_difference(rows, pick.variant, best.variant)["ci95"]
+            sentence += (f", a gap the seeds cannot tell from {tolerance:g} point{'' if tolerance == 1 else 's'} "
+                         f"(95 % interval {lo:+.1f} to {hi:+.1f}; more seeds narrow it)")
     if per_hour is not None:
         sentence += f"; the most top-1 per {hours}: {per_hour['variant']}"
     sentence += f" ({n} seed{'s' if n != 1 else ''} per variant)."

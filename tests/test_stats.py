@@ -73,6 +73,8 @@ def test_with_repeats_a_variant_not_shown_worse_than_the_tolerance_qualifies():
     rows = [row("u6", s, 70.0 - g, 2.0) for s, g in enumerate((0.5, 1.5, 2.5))] + \
            [row("u25", s, 70.0, 6.0) for s in range(3)]
     aggs = aggregate(rows, ["u6", "u25"])
-    assert recommend(aggs, rows, 1.0)["pick"] == "u6"
+    pick = recommend(aggs, rows, 1.0)
+    assert pick["pick"] == "u6" and "a gap the seeds cannot tell from 1 point (95 % interval -1.0 to +4.0" in \
+        pick["sentence"]
     tight = [row("u6", s, 68.5 + 0.01 * s, 2.0) for s in range(3)] + [row("u25", s, 70.0, 6.0) for s in range(3)]
     assert recommend(aggregate(tight, ["u6", "u25"]), tight, 1.0)["pick"] == "u25"
