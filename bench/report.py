@@ -176,9 +176,11 @@ def decision_lines(run: dict) -> list[str]:
     lines = []
     pick = run.get("recommendation")
     if pick:
+        hours = "GPU-hours" if str(run.get("device_used", "")).startswith("cuda") else "device-hours"
+        points = f"{pick['tolerance']:g} point{'' if pick['tolerance'] == 1 else 's'}"
         lines += ["", "## The depth to pick", "", pick["sentence"],
-                  "", f"Frontier of GPU-hours against top-1 (no other variant is cheaper and at least as accurate): "
-                      f"{', '.join(pick['frontier'])}. Tolerance {pick['tolerance']:g} points (--tolerance)."]
+                  "", f"Frontier of {hours} against top-1 (no other variant is cheaper and at least as accurate): "
+                      f"{', '.join(pick['frontier'])}. Tolerance {points} (--tolerance)."]
     if run.get("comparisons"):
         lines += ["", "| from | to | top-1 change (points) | 95 % interval | seeds | distinguishable |",
                   "|---|---|---|---|---|---|"]
