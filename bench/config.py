@@ -71,7 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and freezing")
     g.add_argument("--model", default="resnet50", help="any torchvision ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)")
-    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision's DEFAULT weights), none, or a state-dict path")
+    g.add_argument("--weights", default="imagenet",
+                   help="imagenet (torchvision's DEFAULT weights), pretext (pretrained offline on a synthetic source "
+                        "task, built once and cached in --data-dir), none, or a state-dict path")
     g.add_argument("--head", default="linear", choices=sorted(HEADS), help="classifier head")
     g.add_argument("--unit", default="module", choices=UNITS, help="what one layer of --unfreeze counts")
     g.add_argument("--unfreeze", default="1,3,6,12,15,25", help="depths to sweep: last N layers trainable, 'all' = every layer")

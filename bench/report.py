@@ -3,6 +3,7 @@ written atomically after every variant so that a run killed at any moment leaves
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -116,6 +117,15 @@ def write_results(out: Path, run: dict, rows: list[dict], aggregates: list[dict]
     writer.writeheader()
     writer.writerows(flat)
     atomic_write(out / "results.csv", buffer.getvalue())
+
+
+@contextlib.contextmanager
+def step_progress(console: Console, description: str):
+    """A progress bar for one long task; yields `update(done, total)`."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 class LiveProgress:

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import batch_size, distributed, parallel
+from bench import batch_size, distributed, parallel, source_task
 from bench.config import Invocation, load_profile, parse_config, profile_names, resumed
 from bench.context import RunContext
 from bench.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, USER_ERRORS, ConfigError
@@ -34,7 +34,7 @@ from bench.flops import matmul_ceiling_tflops
 from bench.inputs import load_splits, make_loader, resolve_device
 from bench.measure import environment, measure_loader, process_wall_s
 from bench.outputs import Checkpoints, best_key, write_artifacts
-from bench.report import LiveProgress, comparison_lines, results_table, what_ran, write_results
+from bench.report import LiveProgress, comparison_lines, results_table, step_progress, what_ran, write_results
 from bench.schema import FINISHED, Status, saved_rows
 from bench.settings import Settings
 from bench.signals import StopSignal, Terminated, interrupt_exit_code
@@ -198,7 +198,10 @@ class Run:
                 for v in self.variants:
                     m = v.apply(s).model
                     if (m.model, m.weights) not in self.pretrained:
-                        self.pretrained[m.model, m.weights] = load_pretrained(m.model, m.weights)
+                        weights = m.weights
+                        if weights == "pretext":
+                            weights = str(self.pretext(m.model, v.apply(s).data.image_size))
+                        self.pretrained[m.model, m.weights] = load_pretrained(m.model, weights)
             finally:
                 if dist.is_local_leader:
                     distributed.barrier()
@@ -222,6 +225,17 @@ class Run:
         self.ctx = RunContext(device, dist, s.output.parallel,
                               trace_dir=Path(s.output.trace_dir or self.out / "traces") if trace else None,
                               trace_steps=s.output.trace_steps)
+
+    def pretext(self, model: str, image_size: int) -> Path:
+        """--weights pretext: the cached source-task weights, trained first where there are none."""
+        data_dir = self.s.output.data_dir
+        source_task.check(model, image_size)
+        if source_task.cached(source_task.cache_path(data_dir, model, image_size), model, image_size) is None:
+            return source_task.cache_path(data_dir, model, image_size)
+        self.console.print(f"--weights pretext: training {model} once on the synthetic source task at {image_size} px "
+                           f"(cached in {Path(data_dir) / 'pretext'}; about a minute for resnet18 at 32 px on 2 cores)")
+        with step_progress(self.console, f"pretext {model}") as update:
+            return source_task.ensure(model, image_size, data_dir, on_progress=update)
 
     # -- calibrate -------------------------------------------------------------------------------------
 

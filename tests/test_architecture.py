@@ -10,7 +10,7 @@ PACKAGES = ("bench", "pipelines", "models", "profiles")
 # only when chosen, so a machine without DALI still runs the others.
 LAZY = {("pipelines.registry", "pipelines.dali"), ("pipelines.registry", "pipelines.torch_loader"),
         ("pipelines.registry", "pipelines.torchvision_loader")}
-ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.suite.cli",
+ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.pretext", "bench.suite.cli",
                 "bench.suite.__main__"}
 
 

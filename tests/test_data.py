@@ -69,7 +69,7 @@ def write_cifar10(root, *, per_batch=20, test_is_train=False):
 
 
 RUN = ["--profile", "smoke", "--device", "cpu", "--dataset", "cifar10", "--val-size", "20", "--batch-size", "16", "--epochs", "1",
-       "--unfreeze", "1", "--workers", "1"]
+       "--unfreeze", "1", "--workers", "1", "--weights", "none"]  # each test's own --data-dir: no pretext cache
 
 
 @pytest.fixture
