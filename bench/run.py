@@ -41,6 +41,7 @@ from bench.signals import StopSignal, Terminated, interrupt_exit_code
 from bench.stats import aggregate, comparisons, recommend
 from bench.sweep import plan_variants, run_sweep
 from bench.train import PRECISIONS
+from bench.variant import weights_key
 from bench.variants import Variant, make_variants
 from models import build_model, layers, load_pretrained
 from pipelines import loader_class, num_classes, overlap, select_splits
@@ -196,12 +197,12 @@ class Run:
                 # Every (model, weights) pair the variants use, loaded once, before anything is written.
                 self.pretrained = {}
                 for v in self.variants:
-                    m = v.apply(s).model
-                    if (m.model, m.weights) not in self.pretrained:
-                        weights = m.weights
+                    c = v.apply(s)
+                    if weights_key(c) not in self.pretrained:
+                        weights = c.model.weights
                         if weights == "pretext":
-                            weights = str(self.pretext(m.model, v.apply(s).data.image_size))
-                        self.pretrained[m.model, m.weights] = load_pretrained(m.model, weights)
+                            weights = str(self.pretext(c.model.model, c.data.image_size))
+                        self.pretrained[weights_key(c)] = load_pretrained(c.model.model, weights)
             finally:
                 if dist.is_local_leader:
                     distributed.barrier()

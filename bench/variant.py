@@ -51,10 +51,15 @@ class Network:
         return self.split or self.model
 
 
+def weights_key(s: Settings) -> tuple:
+    """Which loaded weights a variant starts from: pretext weights are trained at the variant's image size."""
+    return s.model.model, s.model.weights, s.data.image_size if s.model.weights == "pretext" else None
+
+
 def build_network(s: Settings, num_classes: int, pretrained, device: torch.device) -> Network:
     torch.manual_seed(s.train.seed)  # every variant starts from the same head initialisation
     m = s.model
-    model = build_model(m.model, num_classes, pretrained[m.model, m.weights], m.head)
+    model = build_model(m.model, num_classes, pretrained[weights_key(s)], m.head)
     plan = apply_unfreeze(model, m.unfreeze, m.unit, m.model)
     model = model.to(device, memory_format=torch.channels_last if s.speed.channels_last else torch.contiguous_format)
     return Network(model, plan, split_frozen(model) if s.splits_trunk else None)

@@ -243,7 +243,7 @@ def test_short_training_learns_synthetic_classes():
     ]).settings
     variant = Variant("unfreeze-all", "depth", {"unfreeze": "all"})
     row = VariantRun(variant.apply(s), RunContext(CPU), variant, (data.train, data.val), data.num_classes,
-                     {("resnet18", "none"): None}).run()
+                     {("resnet18", "none", None): None}).run()
     assert row["status"] == "ok"
     assert row["epochs"] == 3 and row["steps"] == 3 * (1024 // 64)
     assert row["unfreeze"] == "all"
