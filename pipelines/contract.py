@@ -8,6 +8,11 @@ float32 (float16 when `spec.fp16` and the device is CUDA), normalised with `spec
 shapes for compiled steps, honest step times); evaluation keeps the split's order, never augments
 and keeps the partial batch, so every image is scored once.
 
+Folder loaders (`--dataset folder:PATH`) keep the same contract with `Loader(files, labels, spec)`:
+`files` a sequence of N image paths (JPEG or PNG, any size and mode, decoded to RGB), and the natural-
+image transforms of `pipelines.folder` (`natural_augment`, `eval_resize`) in place of the array
+loaders' resize of 32 px images.
+
 Sharding (one process per device under torchrun): every rank draws the same epoch order and keeps
 its part of it with `shard`, so the ranks read disjoint parts of the split, different ones every
 epoch, with no communication. `batch_size` is per rank; the global batch is

@@ -1,5 +1,5 @@
-"""The loaders `--loader` chooses from. Each is imported only when chosen, so a machine without DALI
-can still run `--loader torch`."""
+"""The loaders `--loader` chooses from, for arrays (CIFAR, synthetic) and for image folders. Each is
+imported only when chosen, so a machine without DALI can still run `--loader torch`."""
 from __future__ import annotations
 
 from pipelines.contract import DataError
@@ -7,19 +7,29 @@ from pipelines.contract import DataError
 LOADERS = ("dali", "torch", "torchvision")
 
 
-def loader_class(name: str) -> type:
-    """The loader class called `name`; all take `(images, labels, spec: LoaderSpec)`."""
+def loader_class(name: str, *, files: bool = False) -> type:
+    """The loader class called `name`: `(images, labels, spec: LoaderSpec)`, or with `files`, the
+    folder loader `(files, labels, spec)`."""
     if name == "dali":
         try:
-            from pipelines.dali import DaliLoader
+            if files:
+                from pipelines.dali_folder import DaliFolderLoader as loader
+            else:
+                from pipelines.dali import DaliLoader as loader
         except ImportError as e:
             raise DataError(f"--loader dali: NVIDIA DALI cannot be imported ({e}); install "
                             f"nvidia-dali-cuda130, or use --loader torch") from None
-        return DaliLoader
+        return loader
     if name == "torch":
+        if files:
+            from pipelines.torch_folder import TorchFolderLoader
+            return TorchFolderLoader
         from pipelines.torch_loader import TorchLoader
         return TorchLoader
     if name == "torchvision":
+        if files:
+            from pipelines.torchvision_folder import TorchvisionFolderLoader
+            return TorchvisionFolderLoader
         from pipelines.torchvision_loader import TorchvisionLoader
         return TorchvisionLoader
     raise DataError(f"unknown loader {name!r}; choose from: {', '.join(LOADERS)}")

@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "pipelines", "models", "profiles")
 # Imports inside functions that exist for a reason other than a cycle: a loader module is imported
 # only when chosen, so a machine without DALI still runs the others.
-LAZY = {("pipelines.registry", "pipelines.dali"), ("pipelines.registry", "pipelines.torch_loader"),
-        ("pipelines.registry", "pipelines.torchvision_loader")}
+LAZY = {("pipelines.registry", f"pipelines.{m}") for m in ("dali", "torch_loader", "torchvision_loader",
+                                                           "dali_folder", "torch_folder", "torchvision_folder")}
 ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.pretext", "bench.suite.cli",
                 "bench.suite.__main__"}
 
