@@ -36,6 +36,17 @@ def int_in(low: int, high: int):
     return parse
 
 
+def count_or_fraction(text: str) -> int | float:
+    """A number of images (an integer, 1..200,000) or a share of them (a number strictly between 0 and 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    if 0 < value < 1:
+        return value
+    return int_in(1, 200_000)(text)
+
+
 def batch_size_arg(text: str) -> int | str:
     """A batch size, or `auto` (bench.batch_size finds the fastest that fits)."""
     return "auto" if text == "auto" else int_in(1, 65536)(text)

@@ -14,13 +14,14 @@ from importlib import resources
 
 import torch
 
-from bench.args import Parser, batch_size_arg, int_in, non_negative_float, positive_int, seed_list
+from bench.args import Parser, batch_size_arg, count_or_fraction, int_in, non_negative_float, positive_int, seed_list
 from bench.distributed import LR_SCALES, PARALLEL
 from bench.errors import ConfigError
 from bench.settings import GROUP_OF, STUDY, Settings
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from models import HEADS, UNITS
-from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, num_classes
+from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, folder_path, num_classes
+from pipelines.folder import PREFIX
 
 DEFAULT_PROFILE = "default"
 
@@ -84,15 +85,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mode of frozen BatchNorm layers while training (train reproduces seed 000's drifting statistics)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS), help="dataset")
+    g.add_argument("--dataset", default="cifar100", type=dataset_arg, metavar="{" + ",".join(sorted(DATASETS)) + ",folder:PATH}",
+                   help="dataset; folder:PATH reads PATH/train/<class>/* with PATH/val/<class>/* (and optionally "
+                        "test/), or one PATH/<class>/* tree split by --val-size (default 0.1 for folders)")
     g.add_argument("--data-dir", default=None, help="dataset directory (default: ~/.cache/finetune-bench)")
-    g.add_argument("--val-size", type=int_in(1, 200_000), default=10000, help="validation images held out of the training set")
+    g.add_argument("--val-size", type=count_or_fraction, default=10000,
+                   help="validation images held out of the training set: a count (a multiple of the classes) or a "
+                        "fraction of every class")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="folders: skip and count unreadable or truncated images instead of stopping at the first")
     g.add_argument("--train-size", type=int_in(1, 200_000), default=50000, help="synthetic: training images")
     g.add_argument("--num-classes", type=int_in(2, 1000), default=100, help="synthetic: number of classes")
     g.add_argument("--image-size", type=int_in(8, 1024), default=224, help="side the 32 px images are resized to")
     g.add_argument("--augment", default="flip-crop", choices=AUGMENTS,
                    help="training augmentation (flip-crop: pad-4 crop + flip; heavy: seed 003's, with colour and rotation)")
-    g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE), help="mean/std used to normalise")
+    g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE),
+                   help="mean/std used to normalise (default imagenet for folders)")
     g.add_argument("--loader", default="dali", choices=LOADERS,
                    help="input pipeline: dali, torch (tensor ops on the device), torchvision (the seeds' CPU DataLoader)")
     g.add_argument("--eval-split", default="val", choices=EVAL_SPLITS, help="split scored after every epoch")
@@ -177,6 +185,23 @@ def default_data_dir() -> str:
     return os.path.join(base, "finetune-bench")
 
 
+def dataset_arg(text: str) -> str:
+    """A dataset name, or folder:PATH with PATH made absolute (a resumed run or a checkpoint finds the
+    folder from any working directory)."""
+    root = folder_path(text)
+    if root is not None:
+        return f"{PREFIX}{os.path.abspath(root.expanduser())}"
+    if text not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose from: {', '.join(sorted(DATASETS))}, "
+                                         f"folder:PATH")
+    return text
+
+
+# What a folder dataset changes when the flag is not given: CIFAR's 10,000 held-out images and CIFAR's
+# statistics (the profiles' values) do not fit someone's own photographs.
+FOLDER_DEFAULTS = {"val_size": 0.1, "normalize": "imagenet"}
+
+
 COMMANDS = ("list_profiles", "list_layers", "dry_run")  # flags that answer a question instead of running
 ALIASES = ("repeats",)  # flags that only spell another setting (--repeats N is --seeds 0..N-1)
 
@@ -213,6 +238,8 @@ def parse_config(argv: list[str] | None = None) -> Invocation:
         if args["seeds"] is not None:
             raise ConfigError("--seeds and --repeats say the same thing; give one")
         args["seeds"] = list(range(args["repeats"]))
+    if folder_path(args["dataset"]) is not None:
+        args.update({k: v for k, v in FOLDER_DEFAULTS.items() if k not in given})
     settings = Settings.from_flat(args)
     check_compile(settings, given)
     if settings.sweep.smoke:
@@ -291,13 +318,15 @@ def check(s: Settings) -> None:
 
 def shrink(s: Settings) -> Settings:
     """--smoke: the same study in miniature, so every preset runs end to end on a CPU in tests."""
-    classes = num_classes(s.data.dataset, s.data.num_classes)
     batch = s.train.batch_size
     smoke = {"weights": "none", "image_size": 32}
     # variants may set their own sizes or weights: the miniature overrides those too
     specs = ([{**spec, **{k: v for k, v in smoke.items() if k in spec}} for spec in s.sweep.variant_specs]
              if s.sweep.variant_specs else None)
-    return s.replace(dataset="synthetic", num_classes=classes, train_size=max(256, 2 * classes),
-                     val_size=max(128, classes), max_steps=s.train.max_steps or 4,
+    # an image folder stays what it is: its size is the user's, and replacing it would test another dataset
+    classes = num_classes(s.data.dataset, s.data.num_classes)
+    data = {} if folder_path(s.data.dataset) else dict(dataset="synthetic", num_classes=classes,
+                                                         train_size=max(256, 2 * classes), val_size=max(128, classes))
+    return s.replace(**data, max_steps=s.train.max_steps or 4,
                      batch_size=batch if batch == "auto" else min(batch, 32), eval_batch_size=None, workers=1,
                      compile=False, compile_mode=None, warmup_steps=1, variant_specs=specs, **smoke)

@@ -44,7 +44,7 @@ from bench.train import PRECISIONS
 from bench.variant import weights_key
 from bench.variants import Variant, make_variants
 from models import build_model, layers, load_pretrained
-from pipelines import loader_class, num_classes, overlap, select_splits
+from pipelines import folder_path, loader_class, num_classes, overlap, select_splits
 
 
 def print_profiles(console: Console) -> None:
@@ -183,7 +183,8 @@ class Run:
         raised on every rank, so all of them exit 2 together instead of waiting for each other."""
         s, dist = self.s, self.dist
         device = resolve_device(s.speed.device)
-        loader_class(s.data.loader)  # fails here, in one line, when e.g. DALI cannot be imported
+        # fails here, in one line, when e.g. DALI cannot be imported
+        loader_class(s.data.loader, files=folder_path(s.data.dataset) is not None)
         parallel.check_config(s, dist)
         device = distributed.rank_device(dist, device)  # cuda:LOCAL_RANK under torchrun
         distributed.init(dist, device, s.output.dist_timeout)
@@ -266,6 +267,7 @@ class Run:
             "ceiling_tflops": ctx.ceiling_tflops, "batch_size_search": search,
             "out": str(self.out), "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device_used": str(ctx.device), "num_classes": self.data.num_classes, "classes": self.data.classes,
+            "data_info": self.data.info,
             "train_images": len(self.train), "eval_images": len(self.evaluation), "eval_on": s.data.scored_split,
             "variants": [v.name for v in variants], "env": environment(ctx.device),
             # variants may bring their own model and image size (seed 002): every one, for titles
@@ -288,6 +290,10 @@ class Run:
         console.print(f"[bold]{s.output.profile}[/bold]: {what_ran(self.run_info)} ({len(self.train)} train / "
                       f"{len(self.evaluation)} {s.data.scored_split} images) on {self.run_info['env']['device']} "
                       f"({ctx.device.type}), {len(variants)} variants -> {self.out}")
+        files = self.data.info
+        if files.get("ignored_files") or files.get("skipped_images"):
+            console.print(f"{s.data.dataset}: {files['ignored_files']} files without an image extension ignored, "
+                          f"{len(files['skipped_images'])} unreadable images skipped (listed in results.json)")
         self.run_info["eval_overlap"], withhold = leakage_guard(self.train, self.evaluation,
                                                                 s.data.allow_overlap, console)
         self.split_cache = {s.train.seed: ((self.train, self.evaluation), withhold)}

@@ -20,14 +20,14 @@ from bench.files import atomic_write
 from bench.inputs import make_loader
 from bench.settings import Settings
 from bench.train import Predictions, evaluate
-from pipelines import Split
+from pipelines import FileSplit, Split
 
 GRID = (3, 4)            # predictions.png: rows x columns of images
 FEW_CLASSES = 20         # up to this many: class names on the axes, numbers in the cells, every class printed
 WORST = 10               # with more classes the terminal shows this many worst classes by F1
 
 
-def predict(model: nn.Module, s: Settings, split: Split, device: torch.device,
+def predict(model: nn.Module, s: Settings, split: Split | FileSplit, device: torch.device,
             num_classes: int) -> tuple[Predictions, float]:
     """Every image's prediction (in the split's order) and the mean loss, scored by the harness's own
     evaluation (`bench.train.evaluate`) with the run's loader, precision and memory format, so the
@@ -119,10 +119,10 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str) -> Figure:
     return fig
 
 
-def plot_predictions(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes: list[str],
+def plot_predictions(images, labels: np.ndarray, pred: np.ndarray, classes: list[str],
                      indices: np.ndarray, title: str) -> Figure:
-    """Seed 004's picture: the original 32 px images, enlarged without smoothing, each titled with the
-    predicted class and whether it is right."""
+    """Seed 004's picture: the original images (`images[i]`, H x W x 3 uint8, for i in `indices`; CIFAR's
+    32 px enlarged without smoothing), each titled with the predicted class and whether it is right."""
     rows, cols = GRID
     fig = Figure(figsize=(10, 9), dpi=100)
     axes = fig.subplots(rows, cols)
@@ -139,7 +139,7 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, c
     return fig
 
 
-def evaluate_model(model: nn.Module, s: Settings, split: Split, classes: list[str], out_dir,
+def evaluate_model(model: nn.Module, s: Settings, split: Split | FileSplit, classes: list[str], out_dir,
                    device: torch.device, *, seed: int = 0, variant: str | None = None,
                    checkpoint: str | None = None, info: dict | None = None) -> dict:
     """Score `model` on `split` as the run does, write the four files into `out_dir`, return the
@@ -188,7 +188,8 @@ def evaluate_model(model: nn.Module, s: Settings, split: Split, classes: list[st
     # Figure objects, no pyplot: no global state, no GUI backend
     confusion = plot_confusion(cm, classes, f"{what}, top-1 {result['top1']:.2f} %")
     atomic_write(out_dir / "confusion_matrix.png", lambda f: confusion.savefig(f, format="png"))
-    grid = plot_predictions(split.images, labels, pred, classes, indices, f"{what} (seed {seed})")
+    pictures = {int(i): split.picture(int(i)) for i in indices}  # a folder's files are decoded for the grid only
+    grid = plot_predictions(pictures, labels, pred, classes, indices, f"{what} (seed {seed})")
     atomic_write(out_dir / "predictions.png", lambda f: grid.savefig(f, format="png"))
     # Last: a directory with evaluation.json is a complete evaluation.
     atomic_write(out_dir / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())

@@ -16,8 +16,8 @@ from bench.errors import ConfigError
 
 @dataclass(frozen=True)
 class DataSettings:
-    dataset: str
-    val_size: int
+    dataset: str             # a name, or folder:PATH (absolute)
+    val_size: int | float    # a count, or a fraction of every class
     train_size: int          # synthetic only
     num_classes: int         # synthetic only
     image_size: int
@@ -29,6 +29,7 @@ class DataSettings:
     allow_overlap: bool
     workers: int
     vary_split: bool         # with repeats: each seed also draws its own validation split
+    skip_bad_images: bool    # folders: skip and count unreadable images instead of stopping
 
     @property
     def scored_split(self) -> str:

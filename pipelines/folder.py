@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import find_classes, pil_loader
 
 from pipelines.augment import Augment, augment_spec
 from pipelines.contract import DataError
@@ -73,9 +73,7 @@ def natural_augment(name: str, train: bool) -> NaturalAugment:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """H x W x 3 uint8, as `ImageFolder`'s default loader decodes it."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return np.array(image.convert("RGB"))
+    return np.array(pil_loader(path))
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,12 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def image(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1)  # CHW uint8 view
+
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1)  # CHW uint8 view
+        image = self.image(index)
         if not self.random:
             out = self.transform(image)
         elif get_worker_info() is not None:  # a worker's RNG is its own
@@ -96,14 +99,17 @@ class TorchvisionLoader:
         aug = augment_spec(spec.augment)  # unknown names fail even for evaluation
         if not spec.train:
             aug = Augment()
-        self.device = torch.device(spec.device)
-        self.fp16 = spec.fp16 and self.device.type == "cuda"
-        self.batch_size, self.train, self.n = spec.batch_size, spec.train, len(labels)
         transform = build_transform(aug, size=images.shape[1], image_size=spec.image_size, mean=spec.mean,
                                     std=spec.std)
-        dataset = ArrayDataset(images, np.asarray(labels, dtype=np.int64), transform, seed=spec.seed,
-                               random=aug != Augment())
-        self.sampler = EpochSampler(len(labels), shuffle=spec.train, seed=spec.seed, rank=spec.rank,
+        self._start(ArrayDataset(images, np.asarray(labels, dtype=np.int64), transform, seed=spec.seed,
+                                 random=aug != Augment()), spec)
+
+    def _start(self, dataset: ArrayDataset, spec: LoaderSpec) -> None:
+        """The sampler and the DataLoader over `dataset` (the folder loader's too)."""
+        self.device = torch.device(spec.device)
+        self.fp16 = spec.fp16 and self.device.type == "cuda"
+        self.batch_size, self.train, self.n = spec.batch_size, spec.train, len(dataset)
+        self.sampler = EpochSampler(len(dataset), shuffle=spec.train, seed=spec.seed, rank=spec.rank,
                                     world_size=spec.world_size)
         workers = max(0, int(spec.num_threads))
         self.loader = DataLoader(

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.folder import eval_resize, read_rgb
+from pipelines.folder import read_rgb
 from pipelines.synthetic import make_synthetic
 
 SIZES = (40, 57, 72, 33)  # shorter sides; every third image is also 1.5x wider
@@ -53,8 +53,9 @@ def make_tree(root: Path, *, num_classes: int = 3, per_class: int = 12, layout: 
 
 
 def reference_eval(path, image_size: int, mean, std) -> torch.Tensor:
-    """The evaluation transform done directly with torchvision: PIL's RGB pixels, shorter side resized
-    to eval_resize(image_size) (bilinear, antialiased), centre crop, normalised; 3 x S x S float."""
+    """The evaluation transform done directly with torchvision, as its reference scripts do: PIL's RGB
+    pixels, shorter side resized to image_size / 0.875 (256 for 224; bilinear, antialiased), centre
+    crop, normalised; 3 x S x S float."""
     x = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)
-    x = TF.center_crop(TF.resize(x, [eval_resize(image_size)], antialias=True), [image_size, image_size])
+    x = TF.center_crop(TF.resize(x, [int(image_size / 0.875)], antialias=True), [image_size, image_size])
     return v2.Normalize(list(mean), list(std))(x.float() / 255.0)
