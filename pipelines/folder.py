@@ -269,20 +269,21 @@ def load_folder(root: str | os.PathLike, *, skip_bad_images: bool = False,
 
 
 def write_folder(root: str | os.PathLike, images: np.ndarray, labels: np.ndarray, classes: list[str], *,
-                 sizes: Sequence[int] = (), formats: Sequence[str] = ("jpg",), quality: int = 90) -> list[Path]:
-    """Write uint8 images as `root/<class>/<index>.<format>` (an ImageFolder tree), image i resized to
-    sizes[i % len(sizes)] px on its shorter side (native size when `sizes` is empty, aspect kept by
-    widening every third image by a half), format formats[i % len(formats)]. Returns the paths."""
+                 sizes: Sequence[tuple[int, int]] | None = None, fmt: str = "jpg", quality: int = 90,
+                 threads: int | None = None) -> list[Path]:
+    """Write uint8 images as `root/<class>/<index>.<fmt>` (an ImageFolder tree), image i resized
+    (bilinear) to sizes[i] = (width, height) when given. Returns the paths."""
     root = Path(root)
-    paths = []
-    for i, (pixels, label) in enumerate(zip(images, labels)):
-        image = Image.fromarray(pixels)
-        if sizes:
-            side = sizes[i % len(sizes)]
-            image = image.resize((side * 3 // 2 if i % 3 == 0 else side, side), Image.BILINEAR)
-        fmt = formats[i % len(formats)]
-        path = root / classes[label] / f"{i:06d}.{fmt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> Path:
+        image = Image.fromarray(images[i])
+        if sizes is not None:
+            image = image.resize(sizes[i], Image.BILINEAR)
+        path = root / classes[labels[i]] / f"{i:06d}.{fmt}"
         image.save(path, **({"quality": quality} if fmt in ("jpg", "jpeg") else {}))
-        paths.append(path)
-    return paths
+        return path
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:  # PIL encodes without the GIL
+        return list(pool.map(write, range(len(labels))))

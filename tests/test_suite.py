@@ -71,6 +71,9 @@ def test_rehearsal_runs_every_step_and_leaves_one_shareable_folder(tmp_path):
     if steps["loaders"]["status"] == "ok":  # read from bench.loaders' --json, not its printed table
         assert steps["loaders"]["figures"]["json"] == "runs/loaders/loaders.json"
         assert steps["loaders"]["figures"]["loaders"]["torch"]["images_per_s"] > 0
+    if steps["folder"]["status"] == "ok":  # the loaders on JPEG files bench.make_folder wrote, then removed
+        assert steps["folder"]["figures"]["loaders"]["torchvision"]["images_per_s"] > 0
+        assert not (out / "runs" / "folder" / "images").exists()
     if steps["trace"]["status"] == "ok":
         assert "every timed step" not in (out / steps["trace"]["log"]).read_text()
     assert {t["key"] for t in doc["targets"]} == {t.key for t in TARGETS}
@@ -100,6 +103,26 @@ def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path):
     summary = (out / "SUMMARY.md").read_text()
     assert "| boom | failed |" in summary and "| after | ok |" in summary
     assert (tmp_path / "s.tar.gz").is_file()
+
+
+def test_a_step_runs_its_before_command_first_and_a_failing_one_fails_the_step(tmp_path):
+    """The folder step writes its images first: the step's command sees them, its images are not kept,
+    and a failure writing them is the step's failure, with that command's log."""
+    out = tmp_path / "s"
+    write = "import pathlib, sys; d = pathlib.Path(sys.argv[1]) / 'images'; d.mkdir(); (d / 'x.jpg').write_text('x')"
+    read = "import pathlib, sys; print('saw', sorted(p.name for p in pathlib.Path(sys.argv[1], 'images').iterdir()))"
+    parse = lambda out, run_dir, log: {"log": log.read_text().splitlines()[-1]}
+    fail = "import sys; print('disk full'); sys.exit(4)"
+    steps = (Step("both", "before, then the command", 30, 30, lambda s, d: [sys.executable, "-c", read, str(d)],
+                  parse, before=lambda s, d: [sys.executable, "-c", write, str(d)]),
+             Step("broken", "the before command fails", 30, 30, lambda s, d: [sys.executable, "-c", "print('ran')"],
+                  parse, before=lambda s, d: [sys.executable, "-c", fail]))
+    assert run_main(["--rehearse", "--out", str(out)], steps) == 1
+    both, broken = records(out).values()
+    assert both["status"] == "ok" and both["figures"] == {"log": "saw ['x.jpg']"}
+    assert not (out / "runs" / "both" / "images").exists()
+    assert broken["status"] == "failed" and broken["returncode"] == 4 and "disk full" in broken["reason"]
+    assert "ran" not in (out / broken["log"]).read_text()
 
 
 def test_a_step_whose_limit_exceeds_what_remains_is_skipped_and_listed(tmp_path):
@@ -282,6 +305,10 @@ def test_commands_match_the_brief_on_the_gpu():
     assert "--profile seed000-layerwise" in study and "--train-size 40000 --val-size 10000" in study
     assert "--smoke" not in study
     assert "-k cuda" in " ".join(steps["microbench"].command(s, Path("/tmp/m")))
+    folder = " ".join(steps["folder"].before(s, Path("/tmp/fo")))
+    assert "-m bench.make_folder /tmp/fo/images" in folder
+    loaders = " ".join(steps["folder"].command(s, Path("/tmp/fo")))
+    assert "--dataset folder:/tmp/fo/images" in loaders and "--augment flip-crop" in loaders and "--device cuda" in loaders
     timm = steps["timm"].command(s, Path("/tmp/timm"))
     assert timm[1] == __file__ and "--amp-dtype bfloat16" in " ".join(timm)
 

@@ -95,7 +95,15 @@ def run_step(suite: Suite, step: Step) -> dict:
     run_dir.mkdir(parents=True)  # empty: bench.run refuses only a folder that is not
     argv = step.command(suite, run_dir)
     started = time.monotonic()
-    status, returncode = run_process(argv, log, limit, KILL_GRACE_S[suite.mode])
+    status, returncode = "ok", 0
+    if step.before is not None:
+        before = step.before(suite, run_dir)
+        status, returncode = run_process(before, log.with_suffix(".before.log"), limit, KILL_GRACE_S[suite.mode])
+        if status != "ok":
+            argv, log = before, log.with_suffix(".before.log")
+    if status == "ok":
+        status, returncode = run_process(argv, log, max(1.0, limit - (time.monotonic() - started)),
+                                         KILL_GRACE_S[suite.mode])
     record.update(command=argv, status=status, returncode=returncode, seconds=round(time.monotonic() - started, 1),
                   log=str(log.relative_to(suite.out)))
     try:  # a failed or stopped run may still have left figures: bench.run writes after every variant
@@ -130,9 +138,10 @@ def tail(log: Path, lines: int = TAIL_LINES) -> list[str]:
 
 
 def prune(suite: Suite, run_dir: Path, record: dict) -> None:
-    """Keep the folder shareable: no checkpoints (weights, not results), and the step's traces only
-    while every trace kept so far fits in --max-trace-mb."""
+    """Keep the folder shareable: no checkpoints (weights, not results), no generated images (inputs,
+    not results), and the step's traces only while every trace kept so far fits in --max-trace-mb."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "images", ignore_errors=True)
     traces = sorted(p for p in (run_dir / "traces").glob("*") if p.is_dir())
     kept_mb = folder_mb(suite.out / "runs", "*/traces/**/*") - sum(folder_mb(p) for p in traces)  # other steps'
     dropped = []

@@ -53,6 +53,8 @@ class Step:
     command: Callable[[Suite, Path], list[str]]
     parse: Callable[[Path, Path, Path], dict]   # (suite folder, run folder, log) -> figures
     skip_if: Callable[[Suite], str | None] = lambda suite: None
+    # a command run first, in the same folder and within the same limit (writing the step's input)
+    before: Callable[[Suite, Path], list[str]] | None = None
 
     def limit(self, suite: Suite) -> int:
         return self.rehearse_limit_s if suite.mode == "rehearsal" else self.limit_s
@@ -108,6 +110,27 @@ def loaders_command(suite: Suite, run_dir: Path) -> list[str]:
     keep = ("device", "image_size", "num_classes", "batch_size", "train_size", "val_size", "workers")
     settings = {"profile": "default", "dataset": "synthetic", "weights": "none", "augment": "none",
                 "precision": "bf16", **{k: v for k, v in suite.size.items() if k in keep}}
+    return [sys.executable, "-m", "bench.loaders", "--loaders", LOADERS, "--json", str(run_dir / "loaders.json"),
+            *flags(settings)]
+
+
+# The folder step's images: ImageNet-like JPEGs (shorter side about 375 px, quality 90), enough for
+# the loaders' timed batches; the rehearsal's are small.
+FOLDER_IMAGES = {"gpu": {"classes": 16, "per_class": 320, "size": 375}, "rehearsal": {"classes": 4, "per_class": 12, "size": 48}}
+
+
+def make_folder_command(suite: Suite, run_dir: Path) -> list[str]:
+    f = FOLDER_IMAGES[suite.mode]
+    return [sys.executable, "-m", "bench.make_folder", str(run_dir / "images"), "--classes", str(f["classes"]),
+            "--per-class", str(f["per_class"]), "--size", str(f["size"])]
+
+
+def folder_loaders_command(suite: Suite, run_dir: Path) -> list[str]:
+    """bench.loaders on the folder of JPEGs: DALI's decoder (mixed on the GPU), torch's (nvjpeg through
+    torchvision.io) and torchvision's PIL workers, random-resized crop and flip at the run's size."""
+    keep = ("device", "image_size", "batch_size", "workers")
+    settings = {"profile": "default", "dataset": f"folder:{run_dir / 'images'}", "weights": "none",
+                "augment": "flip-crop", "precision": "bf16", **{k: v for k, v in suite.size.items() if k in keep}}
     return [sys.executable, "-m", "bench.loaders", "--loaders", LOADERS, "--json", str(run_dir / "loaders.json"),
             *flags(settings)]
 
@@ -185,6 +208,8 @@ STEPS = (
     Step("timm", "timm's benchmark.py --bench train on the same model, batch, size and precision",
          120, 40, timm_command, parse_timm, timm_missing),
     Step("loaders", "bench.loaders: dali, torch and torchvision alone", 120, 30, loaders_command, parse_loaders),
+    Step("folder", "bench.loaders on a folder of JPEGs (bench.make_folder): decoding, random-resized crop, flip",
+         240, 60, folder_loaders_command, parse_loaders, before=make_folder_command),
     Step("dali", "throughput with --loader dali, unfreeze 1 and all", 120, 45,
          bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali")),
     Step("breakdown", "each depth's step phase by phase (--breakdown): input, frozen forward, trainable forward, "

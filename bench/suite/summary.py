@@ -98,10 +98,11 @@ def info_lines(records: dict) -> list[str]:
     """Every other figure, without a target: each bench.run row, the loaders, the peer, the pytest steps."""
     lines = [run_row_line(records, step, variant, row) for step in RUN_STEPS
              for variant, row in step_figures(records, step).get("rows", {}).items()]
-    for name, loader in step_figures(records, "loaders").get("loaders", {}).items():
-        note = loader.get("error") or f"batch {number(loader['batch_ms_median'], 'ms')}"
-        lines.append(f"| loaders: {name} alone | {number(loader['images_per_s'], 'img/s')} | – | – | – | "
-                     f"{cell(note[:300])} |")
+    for step, what in (("loaders", "alone"), ("folder", "on JPEG files")):
+        for name, loader in step_figures(records, step).get("loaders", {}).items():
+            note = loader.get("error") or f"batch {number(loader['batch_ms_median'], 'ms')}"
+            lines.append(f"| {step}: {name} {what} | {number(loader['images_per_s'], 'img/s')} | – | – | – | "
+                         f"{cell(note[:300])} |")
     timm = step_figures(records, "timm")
     if timm.get("train_samples_per_sec"):
         lines.append(f"| timm: {timm.get('model')} train | {number(timm['train_samples_per_sec'], 'img/s')} | – | – "
