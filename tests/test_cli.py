@@ -84,7 +84,8 @@ def test_list_profiles(capsys):
 BAD_INPUT = [
     (["--model", "resnet51"], "unknown model 'resnet51'"),
     (["--profile", "nope"], "unknown profile 'nope'"),
-    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; choose from: cifar10, cifar100, synthetic, folder:PATH"),
+    (["--dataset", "folder:/no/such/folder"], "--dataset folder:/no/such/folder: no such directory"),
     (["--unit", "neuron"], "invalid choice: 'neuron'"),
     (["--unfreeze", "1,,x"], "malformed --unfreeze"),
     (["--unfreeze", "0"], "malformed --unfreeze"),
