@@ -10,7 +10,8 @@ PACKAGES = ("bench", "pipelines", "models", "profiles")
 # only when chosen, so a machine without DALI still runs the others.
 LAZY = {("pipelines.registry", f"pipelines.{m}") for m in ("dali", "torch_loader", "torchvision_loader",
                                                            "dali_folder", "torch_folder", "torchvision_folder")}
-ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.pretext", "bench.suite.cli",
+ENTRY_POINTS = {"bench.run", "bench.loaders", "bench.evaluate", "bench.compare", "bench.pretext", "bench.make_folder",
+                "bench.suite.cli",
                 "bench.suite.__main__"}
 
 
