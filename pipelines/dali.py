@@ -71,17 +71,10 @@ def _uniform(spread: float, centre: float = 0.0):
     return fn.random.uniform(range=(centre - spread, centre + spread)) if spread else centre
 
 
-@pipeline_def
-def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype):
-    """`aug` as pipelines.augment documents it, at the source resolution, then resize and normalise."""
-    # GPU batches come as torch tensors gathered on the source's own stream: DALI copies them there,
-    # in order after the gather and independent of the training step on torch's current stream.
-    images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                        device=device, layout=["HWC", ""], cuda_stream=source.stream)
-    if aug.pad:  # random crop of the original size from the zero-padded image
-        anchor = fn.random.uniform(values=list(range(-aug.pad, aug.pad + 1)), shape=[2], dtype=types.INT32)
-        images = fn.slice(images, start=anchor, shape=[source_size, source_size], axis_names="HW",
-                          out_of_bounds_policy="pad", fill_values=0)
+def colour_and_rotation(images, aug: Augment):
+    """`aug`'s colour, grey and rotation draws (pipelines.augment) on HWC uint8 images; the array and
+    folder pipelines share them so that `heavy` means the same whichever one runs. Flip stays in the
+    callers' crop_mirror_normalize, where it costs nothing."""
     if aug.brightness or aug.contrast or aug.saturation or aug.hue or aug.grayscale:
         saturation = _uniform(aug.saturation, 1.0)
         if aug.grayscale:  # saturation 0 keeps only luma (Y of YIQ): torchvision's grayscale weights
@@ -94,6 +87,27 @@ def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source
         # the image mean and turn in HSV: statistically the same at the heavy preset's strengths.)
     if aug.rotate:
         images = fn.rotate(images, angle=_uniform(aug.rotate), keep_size=True, fill_value=0)
+    return images
+
+
+def rank_seed(seed: int, rank: int, world_size: int) -> int:
+    """The pipeline's op seed. The order is shared by all ranks; DALI's per-sample random draws must not
+    be, or every rank would crop and flip its i-th image exactly as the others do."""
+    return seed if world_size == 1 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
+
+
+@pipeline_def
+def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype):
+    """`aug` as pipelines.augment documents it, at the source resolution, then resize and normalise."""
+    # GPU batches come as torch tensors gathered on the source's own stream: DALI copies them there,
+    # in order after the gather and independent of the training step on torch's current stream.
+    images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                        device=device, layout=["HWC", ""], cuda_stream=source.stream)
+    if aug.pad:  # random crop of the original size from the zero-padded image
+        anchor = fn.random.uniform(values=list(range(-aug.pad, aug.pad + 1)), shape=[2], dtype=types.INT32)
+        images = fn.slice(images, start=anchor, shape=[source_size, source_size], axis_names="HW",
+                          out_of_bounds_policy="pad", fill_values=0)
+    images = colour_and_rotation(images, aug)
     if image_size != source_size:
         images = fn.resize(images, size=[image_size, image_size])
     images = fn.crop_mirror_normalize(
@@ -120,9 +134,7 @@ class DaliLoader:
             labels = torch.from_numpy(labels).to(device)
         self.source = EpochSource(images, labels, spec.batch_size, shuffle=spec.train, drop_last=spec.train,
                                   seed=seed, rank=rank, world_size=world_size)
-        # The order is shared by all ranks; DALI's per-sample random draws must not be, or every rank
-        # would crop and flip its i-th image exactly as the others do.
-        op_seed = seed if world_size == 1 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
+        op_seed = rank_seed(seed, rank, world_size)
         pipe = image_pipeline(
             self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=spec.image_size,
             source_size=images.shape[1], mean=spec.mean, std=spec.std,
