@@ -29,6 +29,11 @@ class Augment:
     rotate: float = 0.0         # angle drawn from [-r, r] degrees, zero fill, same size
     grayscale: float = 0.0      # probability of converting to grey (kept as 3 channels)
 
+    @property
+    def colour_or_rotation(self) -> bool:
+        """Whether any colour, grey or rotation draw is asked for (beyond flip and crop)."""
+        return bool(self.brightness or self.contrast or self.saturation or self.hue or self.rotate or self.grayscale)
+
 
 AUGMENT_SPECS = {
     "none": Augment(),

@@ -29,7 +29,6 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import Augment
 from pipelines.contract import DataError, LoaderSpec, batch_count, shard_size
 from pipelines.dali import PREFETCH_QUEUE_DEPTH, colour_and_rotation, rank_seed
 from pipelines.folder import RRC_RATIO, RRC_SCALE, NaturalAugment, eval_resize, natural_augment
@@ -94,7 +93,7 @@ def folder_pipeline(files: list[str], labels: list[int], *, decoder: str, aug: N
     else:
         shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # from the header, before decoding
         images, crop = _eval_view(fn.decoders.image(jpegs, **decode), shape, image_size)
-    if extras != Augment(flip=extras.flip):  # colour or rotation: at the output size, as the other loaders do it
+    if extras.colour_or_rotation:  # at the output size, as the other loaders do it
         if crop:
             images, crop = fn.crop(images, **crop), {}
         images = colour_and_rotation(images, extras)

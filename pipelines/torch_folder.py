@@ -45,14 +45,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines.contract import LoaderSpec, batch_count, epoch_seed, shard, shard_size
 from pipelines.folder import RRC_RATIO, RRC_SCALE, eval_resize, natural_augment, read_rgb
-from pipelines.torch_loader import (_factor, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-                                    rotate, to_grayscale)
+from pipelines.torch_loader import colour_and_rotation
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many (area, aspect) draws before its centre crop
 # columns of the per-image uniform draw
 _AREA = slice(0, ATTEMPTS)
 _ASPECT = slice(ATTEMPTS, 2 * ATTEMPTS)
-_TOP, _LEFT, _FLIP, _BRIGHT, _CONTRAST, _SAT, _HUE, _ANGLE, _GREY = range(2 * ATTEMPTS, 2 * ATTEMPTS + 9)
+_TOP, _LEFT, _FLIP, _BRIGHT, _GREY = 2 * ATTEMPTS, 2 * ATTEMPTS + 1, 2 * ATTEMPTS + 2, 2 * ATTEMPTS + 3, 2 * ATTEMPTS + 8
+# _BRIGHT.._GREY: brightness, contrast, saturation, hue, angle, grey (torch_loader.colour_and_rotation)
 DRAWS = 2 * ATTEMPTS + 9
 
 # frame (SOFn) markers of baseline, extended and progressive Huffman JPEGs: what nvJPEG decodes (the
@@ -162,9 +162,7 @@ class TorchFolderLoader:
         self.jpeg_on_device = self.device.type == "cuda"  # nvJPEG; torchvision has no other device decoder
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        extras = self.aug.extras
-        self._colour = bool(extras.brightness or extras.contrast or extras.saturation or extras.hue
-                            or extras.rotate or extras.grayscale)
+        self._colour = self.aug.extras.colour_or_rotation
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
     def __len__(self) -> int:
@@ -243,17 +241,6 @@ class TorchFolderLoader:
             x = torch.where((v[:, _FLIP] < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
         x = x.float().div_(255.0)
         if v is not None and self._colour:
-            if extras.brightness:
-                x = adjust_brightness(x, _factor(v[:, _BRIGHT], extras.brightness))
-            if extras.contrast:
-                x = adjust_contrast(x, _factor(v[:, _CONTRAST], extras.contrast))
-            if extras.saturation:
-                x = adjust_saturation(x, _factor(v[:, _SAT], extras.saturation))
-            if extras.hue:
-                x = adjust_hue(x, (2.0 * v[:, _HUE] - 1.0) * extras.hue)
-            if extras.rotate:
-                x = rotate(x, (2.0 * v[:, _ANGLE] - 1.0) * extras.rotate)
-            if extras.grayscale:
-                x = to_grayscale(x, v[:, _GREY] < extras.grayscale)
+            x = colour_and_rotation(x, extras, v[:, _BRIGHT:_GREY + 1])
         x = x.sub_(self.mean).div_(self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last)

@@ -120,6 +120,26 @@ def _factor(u: torch.Tensor, spread: float) -> torch.Tensor:
     return lo + (1.0 + spread - lo) * u
 
 
+def colour_and_rotation(x: torch.Tensor, aug: Augment, u: torch.Tensor) -> torch.Tensor:
+    """`aug`'s colour, rotation and grey draws on x (B, 3, H, W in [0, 1]), from the six columns of `u`
+    (brightness, contrast, saturation, hue, angle, grey; uniform in [0, 1)); shared with the folder
+    loader so that `heavy` means the same for both."""
+    bright, contrast, sat, hue, angle, grey_draw = u.unbind(1)
+    if aug.brightness:
+        x = adjust_brightness(x, _factor(bright, aug.brightness))
+    if aug.contrast:
+        x = adjust_contrast(x, _factor(contrast, aug.contrast))
+    if aug.saturation:
+        x = adjust_saturation(x, _factor(sat, aug.saturation))
+    if aug.hue:
+        x = adjust_hue(x, (2.0 * hue - 1.0) * aug.hue)
+    if aug.rotate:
+        x = rotate(x, (2.0 * angle - 1.0) * aug.rotate)
+    if aug.grayscale:
+        x = to_grayscale(x, grey_draw < aug.grayscale)
+    return x
+
+
 class TorchLoader:
     """`--loader torch`, as `pipelines.contract` describes. `spec.num_threads` is ignored: every op runs
     asynchronously on the device's stream (on CUDA the Python loop only enqueues kernels), so there is
@@ -146,8 +166,7 @@ class TorchLoader:
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._rows = torch.arange(self.height, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
-        self._colour = bool(self.aug.brightness or self.aug.contrast or self.aug.saturation or self.aug.hue
-                            or self.aug.rotate or self.aug.grayscale)
+        self._colour = self.aug.colour_or_rotation
         self._random = self._colour or bool(self.aug.flip or pad)
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
@@ -191,18 +210,7 @@ class TorchLoader:
         # NHWC uint8 -> NCHW view (channels_last strides); float keeps the strides
         x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
         if self._colour:
-            if aug.brightness:
-                x = adjust_brightness(x, _factor(u[:, _BRIGHT], aug.brightness))
-            if aug.contrast:
-                x = adjust_contrast(x, _factor(u[:, _CONTRAST], aug.contrast))
-            if aug.saturation:
-                x = adjust_saturation(x, _factor(u[:, _SAT], aug.saturation))
-            if aug.hue:
-                x = adjust_hue(x, (2.0 * u[:, _HUE] - 1.0) * aug.hue)
-            if aug.rotate:
-                x = rotate(x, (2.0 * u[:, _ANGLE] - 1.0) * aug.rotate)
-            if aug.grayscale:
-                x = to_grayscale(x, u[:, _GREY] < aug.grayscale)
+            x = colour_and_rotation(x, aug, u[:, _BRIGHT:_GREY + 1])
         # normalising before the resize is exact (bilinear weights sum to 1) and 1/(S/32)^2 the work
         x = x.sub_(self.mean).div_(self.std)
         x = x.to(self.dtype)  # half before the resize: the large output is written once, in half

@@ -3,8 +3,8 @@
 torchvision's reference recipe per sample in DataLoader workers: `ImageFolder`'s loader (PIL,
 `convert("RGB")`), then `transforms.v2` on the uint8 tensor (random-resized crop or resize and centre
 crop, flip, `heavy`'s colour, rotation and grey), pinned host memory on CUDA and a copy of every batch.
-Order and per-sample seeding are the array loader's (`pipelines.torchvision_loader`), so the DALI
-array loader, this one and the torch folder loader's orders agree for the same seed.
+Order and per-sample seeding are the array loader's (`pipelines.torchvision_loader`): this loader and
+the torch folder loader read the same order for the same seed (DALI's file reader has its own).
 """
 from __future__ import annotations
 
@@ -17,24 +17,15 @@ from torchvision.transforms import v2
 from pipelines.augment import Augment
 from pipelines.contract import LoaderSpec
 from pipelines.folder import RRC_RATIO, RRC_SCALE, NaturalAugment, eval_resize, natural_augment, read_rgb
-from pipelines.torchvision_loader import ArrayDataset, TorchvisionLoader
+from pipelines.torchvision_loader import ArrayDataset, TorchvisionLoader, flip_colour_rotation
 
 
 def natural_transform(aug: NaturalAugment, *, image_size: int, mean, std) -> v2.Compose:
-    extras = aug.extras
     if aug.random_crop:
         steps = [v2.RandomResizedCrop(image_size, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True)]
     else:
         steps = [v2.Resize(eval_resize(image_size), antialias=True), v2.CenterCrop(image_size)]
-    if extras.flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if extras.brightness or extras.contrast or extras.saturation or extras.hue:
-        steps.append(v2.ColorJitter(brightness=extras.brightness or None, contrast=extras.contrast or None,
-                                    saturation=extras.saturation or None, hue=extras.hue or None))
-    if extras.rotate:
-        steps.append(v2.RandomRotation(extras.rotate, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
-    if extras.grayscale:
-        steps.append(v2.RandomGrayscale(p=extras.grayscale))
+    steps += flip_colour_rotation(aug.extras)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 

@@ -22,10 +22,9 @@ from pipelines.contract import LoaderSpec, batch_count, epoch_order, sample_seed
 PREFETCH_FACTOR = 2  # torch's default: each worker has its next batch ready while one is consumed
 
 
-def build_transform(aug: Augment, *, size: int, image_size: int, mean, std) -> v2.Compose:
+def flip_colour_rotation(aug: Augment) -> list:
+    """`aug`'s flip, colour, rotation and grey steps (the array and folder transforms share them)."""
     steps = []
-    if aug.pad:
-        steps.append(v2.RandomCrop(size, padding=aug.pad, fill=0))
     if aug.flip:
         steps.append(v2.RandomHorizontalFlip())
     if aug.brightness or aug.contrast or aug.saturation or aug.hue:
@@ -35,6 +34,12 @@ def build_transform(aug: Augment, *, size: int, image_size: int, mean, std) -> v
         steps.append(v2.RandomRotation(aug.rotate, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
     if aug.grayscale:
         steps.append(v2.RandomGrayscale(p=aug.grayscale))  # keeps the input's 3 channels
+    return steps
+
+
+def build_transform(aug: Augment, *, size: int, image_size: int, mean, std) -> v2.Compose:
+    steps = [v2.RandomCrop(size, padding=aug.pad, fill=0)] if aug.pad else []
+    steps += flip_colour_rotation(aug)
     if image_size != size:
         steps.append(v2.Resize(image_size, antialias=False))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
