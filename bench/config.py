@@ -96,9 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="folders: skip and count unreadable or truncated images instead of stopping at the first")
     g.add_argument("--train-size", type=int_in(1, 200_000), default=50000, help="synthetic: training images")
     g.add_argument("--num-classes", type=int_in(2, 1000), default=100, help="synthetic: number of classes")
-    g.add_argument("--image-size", type=int_in(8, 1024), default=224, help="side the 32 px images are resized to")
+    g.add_argument("--image-size", type=int_in(8, 1024), default=224, help="side of the images the model sees (CIFAR's 32 px are resized to it; folders' images are cropped to it)")
     g.add_argument("--augment", default="flip-crop", choices=AUGMENTS,
-                   help="training augmentation (flip-crop: pad-4 crop + flip; heavy: seed 003's, with colour and rotation)")
+                   help="training augmentation (flip-crop: pad-4 crop + flip, on folders the random-resized crop + flip; "
+                        "heavy: seed 003's, with colour and rotation)")
     g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE),
                    help="mean/std used to normalise (default imagenet for folders)")
     g.add_argument("--loader", default="dali", choices=LOADERS,

@@ -17,7 +17,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_splits(s: Settings) -> tuple[Dataset, Split, Split]:
+def load_splits(s: Settings) -> tuple[Dataset, Split | FileSplit, Split | FileSplit]:
     """The dataset and the (train, evaluation) splits the run uses."""
     d = s.data
     data = load_dataset(d.dataset, data_dir=s.output.data_dir, val_size=d.val_size, seed=s.train.seed,

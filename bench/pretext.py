@@ -10,6 +10,7 @@ from rich.console import Console
 from bench.args import Parser, int_in
 from bench.config import default_data_dir
 from bench.errors import EXIT_OK, EXIT_USAGE, USER_ERRORS
+from bench.files import ensure_writable
 from bench.report import step_progress
 from bench.source_task import RECIPE, cache_path, cached, check, ensure
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if state is None:
             console.print(f"{path}: valid (recipe {RECIPE}); --rebuild builds it again")
             return EXIT_OK
+        ensure_writable(path.parent, "--data-dir")  # before the minute of training, not at its write
         start = time.perf_counter()
         with step_progress(console, f"pretext {args.model} at {args.image_size} px") as update:
             ensure(args.model, args.image_size, data_dir, on_progress=update)

@@ -234,6 +234,8 @@ class Run:
         source_task.check(model, image_size)
         if source_task.cached(source_task.cache_path(data_dir, model, image_size), model, image_size) is None:
             return source_task.cache_path(data_dir, model, image_size)
+        # a minute of training must not end in a traceback at the write
+        ensure_writable(source_task.cache_path(data_dir, model, image_size).parent, "--data-dir")
         self.console.print(f"--weights pretext: training {model} once on the synthetic source task at {image_size} px "
                            f"(cached in {Path(data_dir) / 'pretext'}; about a minute for resnet18 at 32 px on 2 cores)")
         with step_progress(self.console, f"pretext {model}") as update:

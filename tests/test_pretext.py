@@ -63,6 +63,18 @@ def test_the_command_builds_checks_and_refuses(tmp_path, tiny, capsys):
     assert "divisible by 4" in capsys.readouterr().err
 
 
+def test_a_data_dir_it_cannot_write_is_one_line_before_any_training(tmp_path, tiny, capsys):
+    """Found by the fuzz test: --data-dir /proc/nope trained the source task, then failed at the write
+    with a traceback."""
+    out = tmp_path / "run"
+    assert main(["--profile", "smoke", "--device", "cpu", "--data-dir", "/proc/nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir /proc/nope/pretext: not writable" in err and len(err.strip().splitlines()) == 1
+    assert pretext_main(["--data-dir", "/proc/nope"]) == 2
+    assert "--data-dir /proc/nope/pretext: not writable" in capsys.readouterr().err
+    assert tiny == [] and not out.exists()
+
+
 def test_pretext_weights_transfer_far_better_than_random_ones_at_unfreeze_1(tmp_path):
     """A learning test with the real recipe (about a minute to build, once per data directory; the
     default one, which every smoke run shares). Measured on this 256-image target over seeds 0-2:

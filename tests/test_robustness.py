@@ -253,7 +253,7 @@ FLAGS = {
     "--model": ["resnet18", "resnet51", "vgg16"], "--weights": ["none", "imagenet", "/nonexistent.pt"],
     "--head": ["linear", "mlp"], "--unit": ["module", "block", "stage", "neuron"],
     "--unfreeze": ["1", "1,2", "all", "200", "1,1"], "--frozen-bn": ["eval", "train", "sometimes"],
-    "--dataset": ["synthetic", "cifar10", "mnist"], "--data-dir": ["/proc/nope"],
+    "--dataset": ["synthetic", "cifar10", "mnist", "folder:/no/such/folder"], "--data-dir": ["/proc/nope"],
     "--val-size": ["64", "63", "100000"], "--train-size": ["128", "16"], "--num-classes": ["4", "1"],
     "--image-size": ["32", "33"], "--augment": ["none", "flip-crop", "heavy", "mixup"],
     "--normalize": ["cifar", "imagenet", "zca"], "--loader": ["dali", "torch", "torchvision", "ffcv"],
