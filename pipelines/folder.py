@@ -21,6 +21,7 @@ pad-crop with the random-resized crop (scale 0.08-1, aspect 3/4-4/3) to `image_s
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -68,7 +69,7 @@ def natural_augment(name: str, train: bool) -> NaturalAugment:
     aug = augment_spec(name)  # unknown names fail even for evaluation
     if not train:
         return NaturalAugment(False, Augment())
-    return NaturalAugment(aug.pad > 0, Augment(**{**aug.__dict__, "pad": 0}))
+    return NaturalAugment(aug.pad > 0, dataclasses.replace(aug, pad=0))
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
