@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bench.source_task
 import bench.sweep
 import bench.variant
 from bench.run import main
@@ -250,7 +251,7 @@ def test_signal_mid_sweep_then_resume_finishes_only_the_rest(tmp_path, sig, code
 # Every flag with valid and junk values; hypothesis builds command lines from them.
 JUNK = ["", "-1", "0", "nan", "1e999", "x", "--", "1,,2", "all", "9999999", "☃", "-0.5"]
 FLAGS = {
-    "--model": ["resnet18", "resnet51", "vgg16"], "--weights": ["none", "imagenet", "/nonexistent.pt"],
+    "--model": ["resnet18", "resnet51", "vgg16"], "--weights": ["none", "imagenet", "pretext", "/nonexistent.pt"],
     "--head": ["linear", "mlp"], "--unit": ["module", "block", "stage", "neuron"],
     "--unfreeze": ["1", "1,2", "all", "200", "1,1"], "--frozen-bn": ["eval", "train", "sometimes"],
     "--dataset": ["synthetic", "cifar10", "mnist", "folder:/no/such/folder"], "--data-dir": ["/proc/nope"],
@@ -285,6 +286,12 @@ def test_fuzzed_command_lines_never_give_a_traceback(argv, tmp_path_factory, cap
     monkeypatch.setattr("bench.run.run_sweep", lambda *a, **k: [])
     monkeypatch.setattr("bench.run.make_loader", lambda *a, **k: None)
     monkeypatch.setattr("bench.run.measure_loader", lambda *a, **k: {"loader_images_per_s": 1.0})
+    # the smoke profile's --weights pretext builds in a second, not a minute, into temporary folders:
+    # a relative junk --data-dir (`0`, `nan`) not into the checkout, the default not into the real cache
+    monkeypatch.setattr(bench.source_task, "RECIPE", {**bench.source_task.RECIPE, "source_classes": 10, "images": 256,
+                                                      "epochs": 1, "batch_size": 64})
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
     out = tmp_path_factory.mktemp("fuzz") / "out"
     try:
         code = main([*argv, "--out", str(out)])
