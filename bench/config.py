@@ -325,9 +325,11 @@ def shrink(s: Settings) -> Settings:
     specs = ([{**spec, **{k: v for k, v in smoke.items() if k in spec}} for spec in s.sweep.variant_specs]
              if s.sweep.variant_specs else None)
     # an image folder stays what it is: its size is the user's, and replacing it would test another dataset
-    classes = num_classes(s.data.dataset, s.data.num_classes)
-    data = {} if folder_path(s.data.dataset) else dict(dataset="synthetic", num_classes=classes,
-                                                         train_size=max(256, 2 * classes), val_size=max(128, classes))
+    data = {}
+    if folder_path(s.data.dataset) is None:
+        classes = num_classes(s.data.dataset, s.data.num_classes)
+        data = dict(dataset="synthetic", num_classes=classes, train_size=max(256, 2 * classes),
+                    val_size=max(128, classes))
     return s.replace(**data, max_steps=s.train.max_steps or 4,
                      batch_size=batch if batch == "auto" else min(batch, 32), eval_batch_size=None, workers=1,
                      compile=False, compile_mode=None, warmup_steps=1, variant_specs=specs, **smoke)

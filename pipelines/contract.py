@@ -81,6 +81,13 @@ def shard_size(n: int, rank: int, world_size: int, *, even: bool) -> int:
     return n // world_size if even else len(range(rank, n, world_size))
 
 
+def epoch_batches(n: int, spec: LoaderSpec) -> int:
+    """`len(loader)` for a split of `n` images sharded as `shard` shards it: the batches of rank
+    `spec.rank`'s part of an epoch (training: the even shard, the partial batch dropped)."""
+    return batch_count(shard_size(n, spec.rank, spec.world_size, even=spec.train), spec.batch_size,
+                       drop_last=spec.train)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 64-bit generator seed that depends only on (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])

@@ -29,7 +29,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.contract import DataError, LoaderSpec, batch_count, shard_size
+from pipelines.contract import DataError, LoaderSpec, batch_count, epoch_batches
 from pipelines.dali import PREFETCH_QUEUE_DEPTH, colour_and_rotation, rank_seed
 from pipelines.folder import RRC_RATIO, RRC_SCALE, NaturalAugment, eval_resize, natural_augment
 
@@ -136,8 +136,8 @@ class DaliFolderLoader:
         start, end = shard_range(n, spec.rank, spec.world_size)
         # training: the contract's even shard, the same on every rank so that DDP ranks step together;
         # evaluation: the reader's own shard, every image of it
-        self._len = (batch_count(shard_size(n, spec.rank, spec.world_size, even=True), spec.batch_size, drop_last=True)
-                     if spec.train else batch_count(end - start, spec.batch_size, drop_last=False))
+        self._len = (epoch_batches(n, spec) if spec.train
+                     else batch_count(end - start, spec.batch_size, drop_last=False))
         pipe = folder_pipeline(
             [str(f) for f in files], [int(y) for y in labels], decoder="mixed" if on_gpu else "cpu", aug=aug,
             train=spec.train, shard_id=spec.rank, num_shards=spec.world_size,

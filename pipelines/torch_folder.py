@@ -43,7 +43,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.contract import LoaderSpec, batch_count, epoch_seed, shard, shard_size
+from pipelines.contract import LoaderSpec, epoch_batches, epoch_seed, shard
 from pipelines.folder import RRC_RATIO, RRC_SCALE, eval_resize, natural_augment, read_rgb
 from pipelines.torch_loader import colour_and_rotation
 
@@ -163,11 +163,11 @@ class TorchFolderLoader:
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._colour = self.aug.extras.colour_or_rotation
+        self._len = epoch_batches(self.n, spec)
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
     def __len__(self) -> int:
-        n = shard_size(self.n, self.rank, self.world_size, even=self.train)
-        return batch_count(n, self.batch_size, drop_last=self.train)
+        return self._len
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1

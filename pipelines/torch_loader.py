@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.augment import Augment, augment_spec
-from pipelines.contract import LoaderSpec, batch_count, epoch_seed, shard, shard_size
+from pipelines.contract import LoaderSpec, epoch_batches, epoch_seed, shard
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights (torchvision: 0.2989, 0.587, 0.114)
 
@@ -168,11 +168,11 @@ class TorchLoader:
         self._cols = torch.arange(self.width, device=self.device)
         self._colour = self.aug.colour_or_rotation
         self._random = self._colour or bool(self.aug.flip or pad)
+        self._len = epoch_batches(self.n, spec)
         self.epoch = 0  # epochs started so far: the next `for` loop uses this index
 
     def __len__(self) -> int:
-        n = shard_size(self.n, self.rank, self.world_size, even=self.train)
-        return batch_count(n, self.batch_size, drop_last=self.train)
+        return self._len
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1

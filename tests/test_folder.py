@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+import pipelines.folder
 from bench.evaluate import main as evaluate_main
 from bench.run import main
 from pipelines import load_dataset, overlap, select_splits
@@ -168,8 +169,8 @@ def test_digests_are_cached_and_a_changed_file_is_decoded_again(tmp_path, monkey
     root = make_tree(tmp_path / "tree", num_classes=2, per_class=6)
     first, _, _ = load_folder(root, data_dir=tmp_path / "cache")
     decoded = []
-    real = load_folder.__globals__["_decode_digest"]
-    monkeypatch.setitem(load_folder.__globals__, "_decode_digest", lambda f: decoded.append(f) or real(f))
+    real = pipelines.folder._decode_digest
+    monkeypatch.setattr(pipelines.folder, "_decode_digest", lambda f: decoded.append(f) or real(f))
     again, _, _ = load_folder(root, data_dir=tmp_path / "cache")
     assert decoded == [] and again["train"].digests.tolist() == first["train"].digests.tolist()
     changed = root / "c1" / "00001.png"
