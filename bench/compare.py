@@ -2,7 +2,8 @@
 ratio to the first (two GPUs, two software versions, before and after a change).
 
 A folder is a run (`results.json`, from bench.run) or a GPU suite (`suite.json` and
-`runs/<step>/results.json`, from bench.suite); suites are compared step by step. Runs whose model,
+`part-N/runs/<step>/results.json`, or one part's folder with `runs/<step>/results.json`, from
+bench.suite); suites are compared step by step. Runs whose model,
 image size, batch size or precision differ measure different things, so they are refused (naming each
 difference) unless `--force`. `--fail-below RATIO` turns a training or evaluation images/s below RATIO
 times the first folder's, or a variant the first folder finished and a later one did not, into exit
@@ -29,7 +30,8 @@ from bench.report import COLUMNS
 from bench.schema import TRAINED, saved_rows
 
 GROUPS = {"speed": ("images_per_s", "eval_images_per_s", "step_ms_median", "data_wait_pct"),
-          "memory": ("peak_mem_bytes", "device_peak_mem_bytes"),
+          "memory": ("peak_mem_bytes", "warmup_peak_mem_bytes", "device_peak_mem_bytes",
+                     "warmup_device_peak_mem_bytes"),
           "efficiency": ("mfu", "gpu_hours", "acc_per_gpu_hour", "wall_s"),
           "accuracy": ("top1", "top5")}
 FIGURES = [f for figures in GROUPS.values() for f in figures]
@@ -101,15 +103,16 @@ def load(label: str, path: Path) -> Folder:
         if suite:
             named = [s.get("name") for s in read_json(path / "suite.json", path).get("steps") or []
                      if isinstance(s, dict)]
-            found = {p.parent.name for p in (path / "runs").glob("*/results.json")}
-            steps = [s for s in named if s in found] + sorted(found - set(named))  # the suite's order
+            # a single part's folder holds runs/<step>/; a merged suite's, part-N/runs/<step>/
+            found = {p.parent.name: p for p in [*path.glob("part-*/runs/*/results.json"),
+                                                *path.glob("runs/*/results.json")]}
+            steps = [s for s in named if s in found] + sorted(set(found) - set(named))  # the suite's order
             if not steps:
                 raise ConfigError(f"{path}: a suite folder with no runs/<step>/results.json")
         else:
-            steps = [""]
+            steps, found = [""], {"": path / "results.json"}
         for step in steps:
-            results = path / "runs" / step / "results.json" if step else path / "results.json"
-            doc = read_json(results, path)
+            doc = read_json(found[step], path)
             if not isinstance(doc["run"], dict):
                 raise TypeError("'run' is not an object")
             folder.runs[step] = doc["run"]

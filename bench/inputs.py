@@ -35,7 +35,8 @@ def make_loader(s: Settings, split: Split | FileSplit, device: torch.device, *, 
     spec = LoaderSpec(batch_size=s.train.batch_size if train else s.train.eval_batch, train=train,
                       image_size=s.data.image_size, mean=mean, std=std, device=device,
                       augment=s.data.augment if train else "none", fp16=s.speed.precision != "fp32",
-                      seed=s.train.seed, num_threads=s.data.workers, rank=shard[0], world_size=shard[1])
+                      seed=s.train.seed, num_threads=s.data.workers, rank=shard[0], world_size=shard[1],
+                      channels_last=s.speed.channels_last)
     if isinstance(split, FileSplit):
         return loader_class(s.data.loader, files=True)(split.files, split.labels, spec)
     return loader_class(s.data.loader)(split.images, split.labels, spec)

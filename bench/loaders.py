@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,20 +23,32 @@ from bench.settings import Settings
 from pipelines import LOADERS, DataError, Split
 
 
-def benchmark(s: Settings, train: Split, device: torch.device, loaders=LOADERS) -> list[dict]:
-    """One row per loader, built as the run builds it; a loader that cannot be built or fails here
-    (DALI not installed) gets its reason as `error` and the others are still measured."""
-    rows = []
-    for name in loaders:
+def dali_last(names: list[str]) -> list[str]:
+    """DALI after the others: a crash or a hang in it (native code, its own threads) must not cost the
+    rows of the loaders measured before it."""
+    return [n for n in names if n != "dali"] + [n for n in names if n == "dali"]
+
+
+def benchmark(s: Settings, train: Split, device: torch.device, loaders=LOADERS) -> Iterator[dict]:
+    """One row per loader as it is measured, built as the run builds it; a loader that cannot be built
+    or fails here (DALI not installed) gets its reason as `error` and the others are still measured.
+    DALI goes last whatever the order asked for."""
+    for name in dali_last(list(loaders)):
         try:
             loader = make_loader(s.replace(loader=name), train, device, train=True)
-            rows.append({"loader": name, **measure_loader(loader, device)})
+            row = {"loader": name, **measure_loader(loader, device)}
             del loader
         except Exception as e:  # recorded in its row; the next loader is measured all the same
             message = first_line(e) if isinstance(e, DataError) else f"{type(e).__name__}: {first_line(e)}"
-            rows.append({"loader": name, "loader_images_per_s": None, "loader_batch_ms_median": None,
-                         "loader_batches": 0, "error": message})
-    return rows
+            row = {"loader": name, "loader_images_per_s": None, "loader_batch_ms_median": None,
+                   "loader_batches": 0, "error": message}
+        yield row
+
+
+def write_json(path: Path, s: Settings, device: torch.device, env: dict, rows: list[dict]) -> None:
+    atomic_write(path, json.dumps({"device": device.type, "batch_size": s.train.batch_size,
+                                   "image_size": s.data.image_size, "augment": s.data.augment, "env": env,
+                                   "rows": rows}, indent=2) + "\n")
 
 
 def split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -63,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.loaders: error: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    rows = benchmark(s, train, device, names)
+    env, rows = environment(device), []
+    for row in benchmark(s, train, device, names):
+        rows.append(row)
+        if own.json:  # after every loader: a later one that crashes the process leaves these rows
+            write_json(Path(own.json), s, device, env, rows)
     table = Table(title=f"loaders alone: {s.data.dataset} train split, batch {s.train.batch_size}, "
                         f"{s.data.image_size}px, augment {s.data.augment}, {device.type}")
     for col in ("loader", "images/s", "batch ms (median)", "batches timed", "vs fastest"):
@@ -79,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("error"):
             console.print(f"{r['loader']}: not measured: {r['error']}")
     console.print(f"{time.perf_counter() - started:.1f} s")
-    if own.json:
-        atomic_write(Path(own.json), json.dumps({"device": device.type, "batch_size": s.train.batch_size,
-                                                 "image_size": s.data.image_size, "augment": s.data.augment,
-                                                 "env": environment(device), "rows": rows}, indent=2) + "\n")
     return 0 if any(r["loader_images_per_s"] for r in rows) else 1
 
 

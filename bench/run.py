@@ -184,9 +184,11 @@ class Run:
         s, dist = self.s, self.dist
         device = resolve_device(s.speed.device)
         # fails here, in one line, when e.g. DALI cannot be imported
-        loader_class(s.data.loader, files=folder_path(s.data.dataset) is not None)
+        loader = loader_class(s.data.loader, files=folder_path(s.data.dataset) is not None)
         parallel.check_config(s, dist)
         device = distributed.rank_device(dist, device)  # cuda:LOCAL_RANK under torchrun
+        if hasattr(loader, "check_device"):  # e.g. DALI without its image decoders: one line, nothing written
+            loader.check_device(device)
         distributed.init(dist, device, s.output.dist_timeout)
         trace = device.type == "cuda" if s.output.trace is None else s.output.trace
         error, result = None, None

@@ -2,11 +2,13 @@
 
 `Loader(images, labels, spec: LoaderSpec)`: `images` uint8 N x H x W x 3, `labels` int64 N (numpy).
 `len(loader)` is the number of batches per epoch: `batch_count` of this rank's shard. Each `for`
-loop is one epoch of (images, labels) on `spec.device`: images NCHW with channels_last strides,
-float32 (float16 when `spec.fp16` and the device is CUDA), normalised with `spec.mean` and
-`spec.std`; labels int64. Training shuffles, augments and drops the last partial batch (constant
-shapes for compiled steps, honest step times); evaluation keeps the split's order, never augments
-and keeps the partial batch, so every image is scored once.
+loop is one epoch of (images, labels) on `spec.device`: images NCHW, with channels_last strides when
+`spec.channels_last` (the default) and plain contiguous otherwise, so that the convolutions run in the
+model's memory format (`--no-channels-last`) from the first one on; float32 (float16 when `spec.fp16`
+and the device is CUDA), normalised with `spec.mean` and `spec.std`; labels int64. Training shuffles,
+augments and drops the last partial batch (constant shapes for compiled steps, honest step times);
+evaluation keeps the split's order, never augments and keeps the partial batch, so every image is
+scored once.
 
 Folder loaders (`--dataset folder:PATH`) keep the same contract with `Loader(files, labels, spec)`:
 `files` a sequence of N image paths (JPEG or PNG, any size and mode, decoded to RGB), and the natural-
@@ -54,6 +56,13 @@ class LoaderSpec:
     num_threads: int = 2  # DALI's CPU threads, torchvision's DataLoader workers; the torch loader has none
     rank: int = 0
     world_size: int = 1
+    # The batches' memory format, the model's (`--no-channels-last`): torch runs a convolution channels_last
+    # when its input or its weight is, so a channels_last batch keeps a contiguous model in NHWC throughout.
+    channels_last: bool = True
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def batch_count(n: int, batch_size: int, *, drop_last: bool) -> int:

@@ -1,4 +1,4 @@
-"""DALI pipelines: uint8 HWC batches in, normalised NCHW channels_last batches out.
+"""DALI pipelines: uint8 HWC batches in, normalised NCHW batches out (channels_last or contiguous).
 
 One pipeline definition serves both devices. On CUDA the whole uint8 split lives in GPU memory and
 `fn.external_source` gathers each batch there, so no image crosses PCIe during training; on the CPU
@@ -96,8 +96,21 @@ def rank_seed(seed: int, rank: int, world_size: int) -> int:
     return seed if world_size == 1 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
 
 
+def output_layout(channels_last: bool) -> str:
+    """crop_mirror_normalize's output layout for a batch of that memory format: HWC, whose NCHW permute
+    is a view with channels_last strides, or CHW, plain NCHW written by the operator itself. Either way
+    no copy follows DALI's."""
+    return "HWC" if channels_last else "CHW"
+
+
+def as_nchw(images: torch.Tensor, layout: str) -> torch.Tensor:
+    """A batch of `output_layout`'s `layout` as NCHW, without a copy."""
+    return images.permute(0, 3, 1, 2) if layout == "HWC" else images
+
+
 @pipeline_def
-def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype):
+def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source_size: int, mean, std, dtype,
+                   layout: str):
     """`aug` as pipelines.augment documents it, at the source resolution, then resize and normalise."""
     # GPU batches come as torch tensors gathered on the source's own stream: DALI copies them there,
     # in order after the gather and independent of the training step on torch's current stream.
@@ -111,7 +124,7 @@ def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source
     if image_size != source_size:
         images = fn.resize(images, size=[image_size, image_size])
     images = fn.crop_mirror_normalize(
-        images, mirror=fn.random.coin_flip() if aug.flip else 0, dtype=dtype, output_layout="HWC",
+        images, mirror=fn.random.coin_flip() if aug.flip else 0, dtype=dtype, output_layout=layout,
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
     return images, labels
 
@@ -119,8 +132,9 @@ def image_pipeline(source, *, device: str, aug: Augment, image_size: int, source
 class DaliLoader:
     """`--loader dali`, as `pipelines.contract` describes.
 
-    DALI hands back HWC tensors; permuting to NCHW is a view whose strides are exactly channels_last,
-    so the network gets its preferred layout without a copy.
+    For channels_last DALI hands back HWC tensors, and permuting them to NCHW is a view whose strides are
+    exactly channels_last; otherwise its normalisation writes CHW. The network gets the layout it asked
+    for without a copy.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: LoaderSpec):
@@ -135,13 +149,14 @@ class DaliLoader:
         self.source = EpochSource(images, labels, spec.batch_size, shuffle=spec.train, drop_last=spec.train,
                                   seed=seed, rank=rank, world_size=world_size)
         op_seed = rank_seed(seed, rank, world_size)
+        self.layout = output_layout(spec.channels_last)
         pipe = image_pipeline(
             self.source, device="gpu" if on_gpu else "cpu", aug=aug, image_size=spec.image_size,
             source_size=images.shape[1], mean=spec.mean, std=spec.std,
             dtype=types.FLOAT16 if spec.fp16 and on_gpu else types.FLOAT,
             batch_size=spec.batch_size, num_threads=max(1, spec.num_threads),
             device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
-            seed=op_seed, prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
+            layout=self.layout, seed=op_seed, prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
         # auto_reset: the next `for` loop starts the next epoch.
         self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True)
 
@@ -151,4 +166,4 @@ class DaliLoader:
     def __iter__(self):
         for out in self._iterator:
             batch = out[0]
-            yield batch["images"].permute(0, 3, 1, 2), batch["labels"]
+            yield as_nchw(batch["images"], self.layout), batch["labels"]

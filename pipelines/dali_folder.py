@@ -18,9 +18,16 @@ it is a different permutation from the torchvision loader's; and the reader shar
 into contiguous blocks (`shard_range`), not `shard`'s interleaving. What the contract needs still holds:
 every rank takes the same number of training steps on disjoint images, evaluation shards together cover
 the split once, and a single process evaluates in the order of `files`.
+
+DALI 2 decodes through nvImageCodec, which it opens only when a pipeline with a decoder is built, so a
+DALI without it imports and runs the array loader and then fails here at the build, with a page of C++
+context. `decoder_problem` builds and runs the smallest such pipeline once per process and decoder;
+the loader turns its answer into one `DataError` line.
 """
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,9 +35,10 @@ import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
 
 from pipelines.contract import DataError, LoaderSpec, batch_count, epoch_batches
-from pipelines.dali import PREFETCH_QUEUE_DEPTH, colour_and_rotation, rank_seed
+from pipelines.dali import PREFETCH_QUEUE_DEPTH, as_nchw, colour_and_rotation, output_layout, rank_seed
 from pipelines.folder import RRC_RATIO, RRC_SCALE, NaturalAugment, eval_resize, natural_augment
 
 READER = "Reader"
@@ -38,6 +46,60 @@ READER = "Reader"
 # epochs do not reallocate (and synchronise) whenever a larger image than any before comes along.
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
+
+
+def _tiny_jpeg() -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, "JPEG")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+@pipeline_def
+def _decoder_probe(jpeg: np.ndarray, *, decoder: str):
+    """Every decoding operator of `folder_pipeline`, on one tiny JPEG."""
+    jpegs = fn.external_source(source=lambda: [jpeg], batch=True)
+    return (fn.decoders.image(jpegs, device=decoder, output_type=types.RGB),
+            fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB),
+            fn.peek_image_shape(jpegs))
+
+
+def _dali_cause(error: BaseException) -> str:
+    """The line of a DALI error that says what went wrong: DALI puts the operator and the pipeline
+    definition's traceback first and the cause after `encountered:`."""
+    text = str(error)
+    _, marker, cause = text.partition("encountered:")
+    lines = [line.strip() for line in (cause if marker else text).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+@functools.cache
+def decoder_problem(decoder: str, device_id: int | None) -> str | None:
+    """None when DALI's image decoders run on `decoder` ("cpu", or "mixed": nvJPEG on GPU `device_id`),
+    else why not, in one line (the module docstring says why a probe: nvImageCodec). Once per process."""
+    try:
+        pipe = _decoder_probe(_tiny_jpeg(), decoder=decoder, batch_size=1, num_threads=1, device_id=device_id)
+        pipe.build()
+        pipe.run()
+    except RuntimeError as e:
+        return _dali_cause(e)
+    return None
+
+
+def decoder_on(device: torch.device) -> tuple[str, int | None]:
+    """DALI's decoder backend and device_id for `device`: nvJPEG (`mixed`) on CUDA, else the CPU's."""
+    if device.type != "cuda":
+        return "cpu", None
+    return "mixed", torch.cuda.current_device() if device.index is None else device.index
+
+
+def check_decoder(device: torch.device) -> None:
+    """`decoder_problem` on `device` as the user's one-line DataError."""
+    decoder, device_id = decoder_on(device)
+    problem = decoder_problem(decoder, device_id)
+    if problem is not None:
+        where = "nvJPEG on the GPU, DALI's 'mixed'" if decoder == "mixed" else "on the CPU"
+        raise DataError(f"--loader dali: DALI's image decoder ({where}) does not run here; use --loader torch, "
+                        f"or repair DALI: {problem}")
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -70,7 +132,8 @@ def _eval_view(images, shape, size: int):
 
 @pipeline_def
 def folder_pipeline(files: list[str], labels: list[int], *, decoder: str, aug: NaturalAugment, train: bool,
-                    shard_id: int, num_shards: int, shuffle_seed: int, image_size: int, mean, std, dtype):
+                    shard_id: int, num_shards: int, shuffle_seed: int, image_size: int, mean, std, dtype,
+                    layout: str):
     # pad_last_batch: every shard's epoch ends in its own (padded) batch instead of running on into the
     # next epoch's images, so epochs stay whole; DaliFolderLoader.__iter__ discards the padding batches.
     # stick_to_shard (evaluation; shuffle_after_epoch implies it): without it a rank moves to the next
@@ -98,7 +161,7 @@ def folder_pipeline(files: list[str], labels: list[int], *, decoder: str, aug: N
             images, crop = fn.crop(images, **crop), {}
         images = colour_and_rotation(images, extras)
     images = fn.crop_mirror_normalize(
-        images, mirror=fn.random.coin_flip() if extras.flip else 0, dtype=dtype, output_layout="HWC",
+        images, mirror=fn.random.coin_flip() if extras.flip else 0, dtype=dtype, output_layout=layout,
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], **crop)
     labels = fn.cast(labels, dtype=types.INT64)
     return images, labels.gpu() if on_gpu else labels
@@ -106,8 +169,8 @@ def folder_pipeline(files: list[str], labels: list[int], *, decoder: str, aug: N
 
 class DaliFolderLoader:
     """The folder loader of `pipelines.contract` on DALI (the module docstring says where its order and
-    shards differ from the array loaders'). Images leave DALI as HWC; the NCHW permute is a view with
-    channels_last strides, as in `pipelines.dali.DaliLoader`.
+    shards differ from the array loaders'). Images leave DALI in `output_layout`, as NCHW without a copy,
+    as in `pipelines.dali.DaliLoader`.
 
     Step counts. The reader's shards differ by one image when world_size does not divide n, and with
     `pad_last_batch` every shard's epoch is padded to as many batches as the largest shard needs. DALI's
@@ -122,6 +185,9 @@ class DaliFolderLoader:
     padding) is decoded and dropped.
     """
 
+    # so that a caller can find a machine without DALI's decoders before it writes anything
+    check_device = staticmethod(check_decoder)
+
     def __init__(self, files: Sequence[str], labels: np.ndarray, spec: LoaderSpec):
         n = len(files)
         if len(labels) != n:
@@ -129,21 +195,21 @@ class DaliFolderLoader:
         if n < max(1, spec.world_size):  # DALI's reader cannot serve an empty shard
             raise DataError(f"{n} images for {spec.world_size} rank(s): every rank needs at least one")
         aug = natural_augment(spec.augment, spec.train)
-        on_gpu = spec.device.type == "cuda"
-        device_id = None
-        if on_gpu:
-            device_id = torch.cuda.current_device() if spec.device.index is None else spec.device.index
+        self.check_device(spec.device)  # one line for the user, not the pipeline build's traceback
+        decoder, device_id = decoder_on(spec.device)
+        on_gpu = decoder == "mixed"
         start, end = shard_range(n, spec.rank, spec.world_size)
         # training: the contract's even shard, the same on every rank so that DDP ranks step together;
         # evaluation: the reader's own shard, every image of it
         self._len = (epoch_batches(n, spec) if spec.train
                      else batch_count(end - start, spec.batch_size, drop_last=False))
+        self.layout = output_layout(spec.channels_last)
         pipe = folder_pipeline(
-            [str(f) for f in files], [int(y) for y in labels], decoder="mixed" if on_gpu else "cpu", aug=aug,
+            [str(f) for f in files], [int(y) for y in labels], decoder=decoder, aug=aug,
             train=spec.train, shard_id=spec.rank, num_shards=spec.world_size,
             # the reader's shuffle must be the same on every rank, or the shards would overlap
             shuffle_seed=int(spec.seed), image_size=spec.image_size, mean=spec.mean, std=spec.std,
-            dtype=types.FLOAT16 if spec.fp16 and on_gpu else types.FLOAT,
+            dtype=types.FLOAT16 if spec.fp16 and on_gpu else types.FLOAT, layout=self.layout,
             batch_size=spec.batch_size, num_threads=max(1, spec.num_threads), device_id=device_id,
             seed=rank_seed(spec.seed, spec.rank, spec.world_size), prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
         # auto_reset: after the reader's epoch the iterator is ready for the next one
@@ -169,5 +235,5 @@ class DaliFolderLoader:
         self._mid_epoch = True
         for _ in range(self._len):
             batch = next(self._iterator)[0]
-            yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
+            yield as_nchw(batch["images"], self.layout), batch["labels"].view(-1)
         self._finish_epoch()

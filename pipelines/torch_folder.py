@@ -16,11 +16,13 @@ pixels differ slightly from the host's (torchvision tests a mean difference unde
 Transforms, per image on the device with torchvision's functional ops on uint8 (on the CPU these are the
 reference's own kernels, exact; on CUDA they run in float and round back): the evaluation view (shorter
 side to `eval_resize`, centre crop) or the random-resized crop; then, batched, flip, `heavy`'s colour,
-rotation and grey draws (the torch loader's ops) in [0, 1], normalisation, the fp16 cast, channels_last.
+rotation and grey draws (the torch loader's ops) in [0, 1], normalisation, the fp16 cast, and the
+memory format `spec.channels_last` asks for.
 
 Threads: the decoders release the GIL, so `spec.num_threads` threads read and decode a batch's files;
 a further thread prepares batch k + 1 (read, decode, crop, resize, stack) while batch k is in use, on
-the consumer's CUDA stream. `num_threads` 0 does all of it in the consumer's thread, nothing ahead.
+the consumer's CUDA stream (all but nvJPEG's decode, which gets a private stream: `decode_on_device`).
+`num_threads` 0 does all of it in the consumer's thread, nothing ahead.
 
 Randomness: a numpy generator seeded with `epoch_seed` draws the epoch order (its first draw is
 `epoch_order`'s, so the order is the torchvision and DALI loaders') and then, batch by batch in the
@@ -125,6 +127,29 @@ def decode_host(data: torch.Tensor, path: str) -> torch.Tensor:
     return image
 
 
+def decode_on_device(data: list[torch.Tensor], device: torch.device,
+                     stream: torch.cuda.Stream | None) -> list[torch.Tensor]:
+    """One batched `decode_jpeg` of JPEG bytes on `device`, its images ready for the current stream.
+
+    torchvision allocates the images on the caller's current stream but has nvJPEG write them on a stream
+    of its own, ordered after nothing on the caller's. On the consumer's stream the caching allocator may
+    hand it memory that the previous batch freed while that batch's resize kernels, still queued on the
+    consumer's stream, read it: nvJPEG overwrites their input (silent pixel corruption). So the images
+    are allocated on `stream`, a private one, whose memory no consumer kernel is using; the consumer's
+    stream waits for it; and every image is recorded on the consumer's stream, so that its memory is not
+    handed out again (to the next decode) before the consumer's kernels that read it have run.
+    `stream` None (the CPU) decodes on the one stream there is."""
+    if stream is None:
+        return decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
+    consumer = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
+    consumer.wait_stream(stream)
+    for image in images:
+        image.record_stream(consumer)
+    return images
+
+
 def _one_ahead(executor: Executor | None, fn: Callable, jobs: Iterable[tuple]) -> Iterator[tuple]:
     """(job, fn(*job)) for each job in order; with an executor, fn of the next job runs on it while the
     caller uses this one's result."""
@@ -158,8 +183,10 @@ class TorchFolderLoader:
         self.rank, self.world_size = spec.rank, spec.world_size
         self.image_size, self.resize = spec.image_size, eval_resize(spec.image_size)
         self.dtype = torch.float16 if spec.fp16 and self.device.type == "cuda" else torch.float32
+        self.memory_format = spec.memory_format
         self.threads = max(0, int(spec.num_threads))
         self.jpeg_on_device = self.device.type == "cuda"  # nvJPEG; torchvision has no other device decoder
+        self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._colour = self.aug.extras.colour_or_rotation
@@ -177,7 +204,8 @@ class TorchFolderLoader:
         else:
             rng, order = None, np.arange(self.n)
         order = shard(order, self.rank, self.world_size, even=self.train)
-        # the prefetch thread queues its work on the consumer's stream: no cross-stream hazards
+        # the prefetch thread queues its work on the consumer's stream, so it is ordered with the
+        # consumer's (nvJPEG's decode aside: `decode_on_device` orders that)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         with contextlib.ExitStack() as stack:
             pool = ahead = None
@@ -212,7 +240,7 @@ class TorchFolderLoader:
         on_device = [i for i, item in enumerate(items) if item.ndim == 1]
         if on_device:
             try:
-                decoded = decode_jpeg([items[i] for i in on_device], device=self.device, mode=ImageReadMode.RGB)
+                decoded = decode_on_device([items[i] for i in on_device], self.device, self._decode_stream)
             except RuntimeError:  # nvJPEG failed the whole batch over a file libjpeg-turbo may read
                 decoded = [decode_host(items[i], paths[i]) for i in on_device]
             for i, image in zip(on_device, decoded):
@@ -220,7 +248,8 @@ class TorchFolderLoader:
         return [item.to(self.device) for item in items]
 
     def _load(self, idx: np.ndarray, u: np.ndarray | None, pool: Executor | None, stream) -> torch.Tensor:
-        """The batch's images decoded, cropped and resized: B x 3 x S x S uint8 on the device, channels_last."""
+        """The batch's images decoded, cropped and resized: B x 3 x S x S uint8 on the device, in the
+        loader's memory format."""
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images = self._decode([self.files[i] for i in idx], pool)
             size = [self.image_size, self.image_size]
@@ -231,10 +260,10 @@ class TorchFolderLoader:
             else:
                 out = [TF.center_crop(TF.resize(x, [self.resize], antialias=True), size) for x in images]
             # the layout change on uint8: a quarter of the bytes of the float batch
-            return torch.stack(out).contiguous(memory_format=torch.channels_last)
+            return torch.stack(out).contiguous(memory_format=self.memory_format)
 
     def _finish(self, x: torch.Tensor, u: np.ndarray | None) -> torch.Tensor:
-        """Flip and colour draws on the stacked batch, normalised, cast, channels_last."""
+        """Flip and colour draws on the stacked batch, normalised, cast, in the loader's memory format."""
         extras = self.aug.extras
         v = None if u is None else torch.from_numpy(u).to(self.device, torch.float32)
         if v is not None and extras.flip:  # on uint8: a quarter of the bytes
@@ -243,4 +272,4 @@ class TorchFolderLoader:
         if v is not None and self._colour:
             x = colour_and_rotation(x, extras, v[:, _BRIGHT:_GREY + 1])
         x = x.sub_(self.mean).div_(self.std).to(self.dtype)
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)

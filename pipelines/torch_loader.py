@@ -156,6 +156,7 @@ class TorchLoader:
         self.image_size = spec.image_size
         self.n, self.height, self.width = images.shape[0], images.shape[1], images.shape[2]
         self.dtype = torch.float16 if spec.fp16 and self.device.type == "cuda" else torch.float32
+        self.memory_format = spec.memory_format
         pad = self.aug.pad
         data = torch.from_numpy(np.ascontiguousarray(images))
         if pad:  # pad the split once (zeros): every crop is then a plain gather, no per-batch padding
@@ -207,8 +208,9 @@ class TorchLoader:
             x = self.data[idx[:, None, None], rows[:, :, None], cols[:, None, :]]        # B x H x W x 3
         else:
             x = self.data[idx]
-        # NHWC uint8 -> NCHW view (channels_last strides); float keeps the strides
-        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+        # NHWC uint8 -> NCHW view (channels_last strides), laid out for the model while it is uint8 at the
+        # source size (the cheapest copy, none for channels_last); the ops below keep the layout
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format).float().mul_(1.0 / 255.0)
         if self._colour:
             x = colour_and_rotation(x, aug, u[:, _BRIGHT:_GREY + 1])
         # normalising before the resize is exact (bilinear weights sum to 1) and 1/(S/32)^2 the work
@@ -217,4 +219,4 @@ class TorchLoader:
         if self.image_size != self.height or self.image_size != self.width:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=False)
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)

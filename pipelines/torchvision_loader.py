@@ -113,6 +113,7 @@ class TorchvisionLoader:
         """The sampler and the DataLoader over `dataset` (the folder loader's too)."""
         self.device = torch.device(spec.device)
         self.fp16 = spec.fp16 and self.device.type == "cuda"
+        self.memory_format = spec.memory_format
         self.batch_size, self.train, self.n = spec.batch_size, spec.train, len(dataset)
         self.sampler = EpochSampler(len(dataset), shuffle=spec.train, seed=spec.seed, rank=spec.rank,
                                     world_size=spec.world_size)
@@ -132,7 +133,7 @@ class TorchvisionLoader:
     def __iter__(self):
         self.sampler.epoch, self.epoch = self.epoch, self.epoch + 1
         for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             if self.fp16:
                 x = x.half()
             yield x, y.to(self.device, non_blocking=True)

@@ -1,6 +1,7 @@
 """Tests for pipelines.dali_folder.DaliFolderLoader on DALI's CPU operators: agreement with torchvision's
 evaluation transform on a tree of every mode at mixed sizes, the loader contract (layout, order, partial
-batches, epochs, two ranks in one process) and the natural-image augmentations."""
+batches, epochs, two ranks in one process), the natural-image augmentations, and one line instead of a
+traceback where DALI's decoders do not run. Tests that decode skip, with the reason, where they do not."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ from PIL import Image
 # only DALI itself may be missing: an import error inside the loader must fail, not skip
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
 
-from pipelines.contract import batch_count, shard_size  # noqa: E402
-from pipelines.dali_folder import DaliFolderLoader  # noqa: E402
+import nvidia.dali.fn  # noqa: E402
+
+from bench.run import main  # noqa: E402
+from pipelines.contract import DataError, batch_count, shard_size  # noqa: E402
+from pipelines.dali_folder import DaliFolderLoader, decoder_problem  # noqa: E402
+
+
+def needs_decoder(decoder: str = "cpu", device_id: int | None = None) -> None:
+    """Skips, with DALI's reason, where its image decoders do not run (e.g. without nvImageCodec)."""
+    problem = decoder_problem(decoder, device_id)
+    if problem is not None:
+        pytest.skip(f"DALI's {decoder} image decoder does not run here: {problem}")
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> tuple[list[str], np.ndarray]:
     """36 files of 3 classes, every mode at every size (folder_helpers), in ImageFolder's order."""
+    needs_decoder()
     files = sorted(make_tree(tmp_path_factory.mktemp("tree")).rglob("*.*"))
     return [str(f) for f in files], np.array([int(f.parent.name[1:]) for f in files], dtype=np.int64)
 
@@ -265,6 +277,7 @@ def test_colour_without_random_crop_scales_the_eval_view(tree, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed decoder needs CUDA")
 @pytest.mark.parametrize("train, augment", [(False, "none"), (True, "heavy")])
 def test_gpu_batches_are_half_precision_on_the_device(tree, train, augment):
+    needs_decoder("mixed", torch.cuda.current_device())
     files, labels = tree
     batches = epoch(loader(files, labels, batch_size=12, device=torch.device("cuda"), fp16=True, train=train,
                            augment=augment))
@@ -275,3 +288,64 @@ def test_gpu_batches_are_half_precision_on_the_device(tree, train, augment):
         assert y.dtype == torch.int64 and y.device.type == "cuda"
     if not train:
         np.testing.assert_array_equal(torch.cat([y for _, y in batches]).cpu().numpy(), labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DALI without its image decoders (nvImageCodec missing): one line, not the pipeline build's traceback
+# ----------------------------------------------------------------------------------------------------
+
+# DALI's own message when libnvimgcodec cannot be opened, shortened
+NO_CODEC = """Critical error when building pipeline:
+Error in CPU operator `nvidia.dali.fn.decoders.image`,
+which was used in the pipeline definition with the following traceback:
+
+  File "pipelines/dali_folder.py", line 56, in _decoder_probe
+
+encountered:
+
+dlopen libnvimgcodec.so failed!. Please install nvimagecodec: `pip install nvidia-nvimgcodec-cu13`.
+Attempted paths:
+  libnvimgcodec.so.0: libnvimgcodec.so.0: cannot open shared object file: No such file or directory
+Current pipeline object is no longer valid."""
+
+
+@pytest.fixture
+def no_codec(monkeypatch) -> list[str]:
+    """DALI's decoders failing as they fail without nvImageCodec; the names of the decoder calls made."""
+    calls: list[str] = []
+
+    def failing(name):
+        def decoder(*args, **kwargs):
+            calls.append(name)
+            raise RuntimeError(NO_CODEC)
+        return decoder
+
+    for name in ("image", "image_random_crop"):
+        monkeypatch.setattr(nvidia.dali.fn.decoders, name, failing(name))
+    decoder_problem.cache_clear()  # the answer of the real decoders, or of an earlier test's fakes
+    yield calls
+    decoder_problem.cache_clear()
+
+
+def test_missing_decoder_is_one_data_error_line_from_a_probe_run_once(tmp_path, no_codec):
+    files = [str(f) for f in sorted(make_tree(tmp_path / "tree", num_classes=2, per_class=3).rglob("*.*"))]
+    for train in (False, True, False):
+        with pytest.raises(DataError) as raised:
+            loader(files, ids(len(files)), train=train, augment="flip-crop")
+        message = str(raised.value)
+        assert len(message.splitlines()) == 1
+        assert message.startswith("--loader dali: DALI's image decoder (on the CPU) does not run here")
+        assert "dlopen libnvimgcodec.so failed" in message and "--loader torch" in message
+    assert no_codec == ["image"]  # the probe alone met the decoder, once; no loader built its pipeline
+
+
+@pytest.mark.slow
+def test_missing_decoder_ends_bench_run_with_one_line_and_exit_2(tmp_path, no_codec, capsys):
+    root = make_tree(tmp_path / "splits", num_classes=2, per_class=6, layout="splits")
+    code = main(["--profile", "smoke", "--device", "cpu", "--weights", "none", "--batch-size", "4", "--epochs", "1",
+                 "--unfreeze", "1", "--workers", "1", "--loader", "dali", "--dataset", f"folder:{root}",
+                 "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("bench.run: error: --loader dali: DALI's image decoder") and "libnvimgcodec.so" in err

@@ -167,8 +167,8 @@ def test_loader_benchmark_gives_a_positive_rate_for_each_loader(capsys):
     s = parse_config(["--image-size", "32", "--batch-size", "32", "--workers", "0",
                       "--precision", "fp32", "--augment", "flip-crop"]).settings
     data = load_dataset("synthetic", num_classes=4, train_size=256, val_size=32, seed=0)
-    rows = benchmark(s, data.train, torch.device("cpu"))
-    assert [r["loader"] for r in rows] == ["dali", "torch", "torchvision"]
+    rows = list(benchmark(s, data.train, torch.device("cpu")))
+    assert [r["loader"] for r in rows] == ["torch", "torchvision", "dali"]  # DALI last
     assert all(r["loader_images_per_s"] > 0 and r["loader_batches"] > 0 for r in rows)
     # and the command itself prints the table
     assert loaders_main(["--profile", "smoke", "--device", "cpu", "--train-size", "256", "--val-size", "32", "--workers", "0"]) == 0
@@ -192,6 +192,37 @@ def test_loader_benchmark_without_dali_measures_the_others_and_writes_json(tmp_p
     assert "dali: not measured" in capsys.readouterr().out
     assert loaders_main(["--profile", "smoke", "--device", "cpu", "--loaders", "dali,tpu"]) == 2
     assert "--loaders 'dali,tpu'" in capsys.readouterr().err
+
+
+# DALI's loader kills the process as a native crash would (no exception, no cleanup).
+CRASHING_DALI = """
+import os, sys
+import bench.loaders
+real = bench.loaders.make_loader
+def make_loader(s, *args, **kwargs):
+    if s.data.loader == "dali":
+        os._exit(139)
+    return real(s, *args, **kwargs)
+bench.loaders.make_loader = make_loader
+sys.exit(bench.loaders.main(sys.argv[1:]))
+"""
+
+
+def test_a_dali_crash_loses_no_row_of_the_loaders_measured_before_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "loaders.json"
+    proc = subprocess.run([sys.executable, "-c", CRASHING_DALI, "--profile", "smoke", "--device", "cpu", "--train-size",
+                           "256", "--val-size", "32", "--batch-size", "32", "--workers", "0",
+                           "--loaders", "dali,torch,torchvision", "--json", str(path)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 139, proc.stderr[-2000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["loader"] for r in rows] == ["torch", "torchvision"]  # measured first, written as they finished
+    assert all(r["loader_images_per_s"] > 0 for r in rows)
 
 
 def test_loader_benchmark_records_a_loader_that_fails_and_measures_the_next(monkeypatch):

@@ -1,5 +1,6 @@
-"""`python -m bench.suite`: the whole suite rehearsed on the CPU, and its parts (budget, failures,
-time limits, targets, bad input) with small injected steps."""
+"""`python -m bench.suite`: the whole suite rehearsed on the CPU, part by part, and its pieces (parts
+and their merge, the archive cap, budget, failures, time limits, targets, bad input) with small
+injected steps."""
 import json
 import os
 import subprocess
@@ -14,21 +15,22 @@ import pytest
 from bench.suite import cli
 from bench.suite.figures import TARGETS, check_targets, compute_figures
 from bench.suite.parse import ParseError, parse_loaders
-from bench.suite.runner import BUDGET_S
-from bench.suite.steps import GPU, REHEARSAL, STEPS, Step, Suite
+from bench.suite.runner import ARCHIVE_CAP_MB
+from bench.suite.steps import GPU, PART_LIMIT_S, PARTS, REHEARSAL, STEPS, Step, Suite, part_limit_s
 from bench.suite.summary import info_lines, run_row_line, target_lines
 from bench.trace import plan_window
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fake_step(name: str, code: str, limit: int = 30, figures: dict | None = None) -> Step:
-    """A step whose command is `python -c code` and whose figures are `figures` (or a parse failure)."""
+def fake_step(name: str, code: str, limit: int = 30, figures: dict | None = None, part: int = 1) -> Step:
+    """A step whose command is `python -c code RUN_DIR` and whose figures are `figures` (or a parse failure)."""
     def parse(out, run_dir, log):
         if figures is None:
             raise ParseError("no figures")
         return figures
-    return Step(name, f"fake step {name}", limit, limit, lambda s, run_dir: [sys.executable, "-c", code], parse)
+    return Step(name, f"fake step {name}", limit, limit, lambda s, run_dir: [sys.executable, "-c", code, str(run_dir)],
+                parse, part=part)
 
 
 def run_main(argv: list[str], steps=STEPS) -> int:
@@ -43,16 +45,18 @@ def records(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_rehearsal_runs_every_step_and_leaves_one_shareable_folder(tmp_path):
-    out = tmp_path / "suite"
+def test_rehearsal_runs_every_part_and_leaves_one_shareable_folder(tmp_path):
+    out, back = tmp_path / "suite", tmp_path / "back"  # back: the GPU machine's $OUT, what comes home
+    back.mkdir()
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench.suite", "--rehearse", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OUT": str(back)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert time.monotonic() - started < BUDGET_S["rehearsal"] + 60  # the budget bounds the suite
+    assert time.monotonic() - started < sum(part_limit_s(STEPS, p.number, "rehearsal") for p in PARTS)
     doc = json.loads((out / "suite.json").read_text())
     steps = records(out)
     assert list(steps) == [s.name for s in STEPS]
+    assert [p["part"] for p in doc["parts"]] == [p.number for p in PARTS] and doc["parts_missing"] == []
     for name, step in steps.items():
         if step["status"] == "skipped":
             assert step["reason"], name
@@ -60,31 +64,65 @@ def test_rehearsal_runs_every_step_and_leaves_one_shareable_folder(tmp_path):
         assert step["status"] == "ok", (name, step.get("reason"), step.get("log_tail"))
         assert (out / step["log"]).is_file() and step["command"][0] == sys.executable and step["figures"]
     assert "--timm-benchmark" in steps["timm"]["reason"] and steps["timm"]["status"] == "skipped"
-    for name in ("environment", "throughput", "compile"):  # the first steps always fit in the budget
-        assert steps[name]["status"] == "ok"
     # bench.run's own results travel with the folder, and the figures are read from them
-    assert (out / "runs" / "throughput" / "results.json").is_file()
+    assert (out / "part-1" / "runs" / "throughput" / "results.json").is_file()
+    assert steps["throughput"]["figures"]["results"] == "part-1/runs/throughput/results.json"
     assert doc["figures"]["all_images_per_s"] > 0 and doc["figures"]["unfreeze1_images_per_s"] > 0
     assert doc["figures"]["loader_speedup"] > 0 and doc["figures"]["data_wait_pct"] >= 0
     assert steps["compile"]["figures"]["rows"]["unfreeze-1"]["compile_s"] > 0
     assert doc["environment"]["matmul_bf16_tflops"] > 0 and doc["environment"]["copy_gbps"] > 0
-    if steps["loaders"]["status"] == "ok":  # read from bench.loaders' --json, not its printed table
-        assert steps["loaders"]["figures"]["json"] == "runs/loaders/loaders.json"
-        assert steps["loaders"]["figures"]["loaders"]["torch"]["images_per_s"] > 0
+    assert steps["loaders"]["figures"]["json"] == "part-2/runs/loaders/loaders.json"  # its --json, not its table
+    assert set(steps["loaders"]["figures"]["loaders"]) == {"torch", "torchvision"}
+    assert steps["loaders"]["figures"]["loaders"]["torch"]["images_per_s"] > 0
     if steps["folder"]["status"] == "ok":  # the loaders on JPEG files bench.make_folder wrote, then removed
+        assert list(steps["folder"]["figures"]["loaders"])[-1] == "dali"  # DALI last
         assert steps["folder"]["figures"]["loaders"]["torchvision"]["images_per_s"] > 0
-        assert not (out / "runs" / "folder" / "images").exists()
-    if steps["trace"]["status"] == "ok":
-        assert "every timed step" not in (out / steps["trace"]["log"]).read_text()
+        assert not (out / "part-4" / "runs" / "folder" / "images").exists()
+    assert not (out / "part-3" / "compile-cache").exists()
+    assert "every timed step" not in (out / steps["trace"]["log"]).read_text()
     assert {t["key"] for t in doc["targets"]} == {t.key for t in TARGETS}
     summary = (out / "SUMMARY.md").read_text()
     assert "| figure | measured | target | result | ceiling in the same run | notes |" in summary
     for target in TARGETS:
         assert target.label in summary
-    assert "| timm | skipped |" in summary
-    with tarfile.open(tmp_path / "suite.tar.gz") as tar:
+    assert "| timm | skipped |" in summary and "- part 6 (`part-6`)" in summary
+    # one archive per part, each under the GPU machine's cap, and nothing else in $OUT
+    archives = sorted(back.iterdir())
+    assert [a.name.rsplit("-part-", 1)[1] for a in archives] == [f"{p.number}.tar.gz" for p in PARTS]
+    assert all(a.name.startswith(f"{out.parent.name}-{out.name}-part-") for a in archives)
+    assert all(a.stat().st_size <= ARCHIVE_CAP_MB * 2**20 for a in archives)
+    with tarfile.open(archives[0]) as tar:
         names = tar.getnames()
-    assert "suite/suite.json" in names and "suite/SUMMARY.md" in names and "suite/logs/throughput.log" in names
+    assert "part-1/suite.json" in names and "part-1/SUMMARY.md" in names and "part-1/logs/throughput.log" in names
+    # the parts, unpacked elsewhere as a GPU session brings them home, merge into the same summary
+    home = tmp_path / "home"
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            tar.extractall(home, filter="data")
+    assert cli.main(["--merge", str(home)]) == 0
+    merged = json.loads((home / "suite.json").read_text())
+    assert merged["figures"] == doc["figures"] and [s["name"] for s in merged["steps"]] == list(steps)
+
+
+def test_every_part_fits_one_command_on_the_gpu_machine_in_the_order_of_value():
+    assert [p.number for p in PARTS] == sorted({s.part for s in STEPS})
+    for part in PARTS:
+        assert part_limit_s(STEPS, part.number) <= PART_LIMIT_S, part
+    names = [s.name for s in STEPS]
+    # the environment and the torch loader's throughput first, then seed 000's study; DALI only in the
+    # parts that come after every torch-only part, pytest alone and last
+    assert names[:3] == ["environment", "throughput", "seed000"]
+    dali = {s.name for s in STEPS if "dali" in f"{s.name} {s.what}".lower()}
+    assert {"loaders-dali", "dali", "folder"} <= dali
+    first_dali_part = min(p.number for p in PARTS if p.needs_dali)
+    assert all(next(s for s in STEPS if s.name == n).part >= first_dali_part for n in dali), dali
+    assert all(not p.needs_dali for p in PARTS if p.number < first_dali_part)
+    assert [s.name for s in STEPS if s.part == PARTS[-1].number] == ["pytest"]
+
+
+def _suite(mode: str) -> Suite:
+    args = cli.get_args_parser().parse_args(["--rehearse"] if mode == "rehearsal" else [])
+    return Suite(args, Path("/tmp/out"), mode, REHEARSAL if mode == "rehearsal" else GPU)
 
 
 def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path):
@@ -102,7 +140,7 @@ def test_a_failing_step_is_recorded_and_the_suite_goes_on(tmp_path):
     assert after["status"] == "ok" and after["figures"] == {"images_per_s": 1.0}
     summary = (out / "SUMMARY.md").read_text()
     assert "| boom | failed |" in summary and "| after | ok |" in summary
-    assert (tmp_path / "s.tar.gz").is_file()
+    assert (out / "part-1.tar.gz").is_file() and (out / "part-1" / "SUMMARY.md").is_file()
 
 
 def test_a_step_runs_its_before_command_first_and_a_failing_one_fails_the_step(tmp_path):
@@ -134,7 +172,7 @@ def test_a_step_whose_limit_exceeds_what_remains_is_skipped_and_listed(tmp_path)
     first, long, short = records(out).values()
     assert first["status"] == "ok" and short["status"] == "ok"
     assert long["status"] == "skipped" and long["reason"].startswith("budget: needs up to 9 s")
-    assert long["log"] is None and not (out / "logs" / "long.log").exists()
+    assert long["log"] is None and not (out / "part-1" / "logs" / "long.log").exists()
     assert "| long | skipped |" in (out / "SUMMARY.md").read_text()
 
 
@@ -240,7 +278,8 @@ def test_timm_step_runs_the_peer_script_with_its_flags_and_reads_its_result(tmp_
     assert timm["figures"]["train_samples_per_sec"] == 123.4
     assert timm["figures"]["train_batch_size"] == REHEARSAL["batch_size"]
     assert json.loads((out / "suite.json").read_text())["figures"]["timm_images_per_s"] == 123.4
-    assert records(out)["throughput"]["reason"] == "not in --steps"
+    assert records(out)["loaders"]["reason"] == "not in --steps"  # its part's other steps
+    assert "throughput" not in records(out)  # part 1 did not run
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -250,6 +289,9 @@ def test_timm_step_runs_the_peer_script_with_its_flags_and_reads_its_result(tmp_
     (["--budget", "soon"], "--budget: expected a number"),
     (["--budget", "nan"], "--budget: expected a positive number"),
     (["--timm-benchmark", "/nonexistent/benchmark.py"], "no such file"),
+    (["--part", "9"], "--part 9: choose from 1, 2, 3, 4, 5, 6"),
+    (["--part", "one"], "--part: invalid int value"),
+    (["--part", "2", "--steps", "throughput"], "--steps throughput: none of them is in part 2"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys, argv, message):
     out = tmp_path / "s"
@@ -259,26 +301,105 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys,
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_an_out_folder_that_is_not_empty_or_not_writable_is_refused(tmp_path, capsys):
+def test_a_part_folder_that_is_not_empty_or_not_writable_is_refused(tmp_path, capsys, monkeypatch):
     taken = tmp_path / "taken"
-    taken.mkdir()
-    (taken / "keep.txt").write_text("earlier results")
-    assert run_main(["--rehearse", "--out", str(taken)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
-    assert [p.name for p in taken.iterdir()] == ["keep.txt"] and not (tmp_path / "taken.tar.gz").exists()
-    under_a_file = tmp_path / "taken" / "keep.txt" / "suite"
+    (taken / "part-1").mkdir(parents=True)
+    (taken / "part-1" / "keep.txt").write_text("earlier results")
+    assert run_main(["--rehearse", "--part", "1", "--out", str(taken)]) == 2
+    assert "part-1 exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in taken.iterdir()] == ["part-1"]
+    under_a_file = tmp_path / "taken" / "part-1" / "keep.txt" / "suite"
     assert run_main(["--rehearse", "--out", str(under_a_file)]) == 2
     err = capsys.readouterr().err
     assert "is not a writable folder" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("OUT", str(tmp_path / "no-such-folder"))
+    assert run_main(["--rehearse", "--out", str(tmp_path / "fresh")]) == 2
+    assert "$OUT=" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
 
 
-def test_the_default_folder_is_per_device_and_date_and_never_reuses_one(tmp_path, monkeypatch):
+def test_the_default_folder_is_per_device_and_date_and_never_reuses_a_part(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = cli.default_out(rehearse=True)
+    first = cli.default_out(rehearse=True, parts=[1])
     assert first.parts[:2] == ("results", "cpu-rehearsal") and len(first.name) == len("2026-01-31")
-    first.mkdir(parents=True)
-    (first / "suite.json").write_text("{}")
-    assert cli.default_out(rehearse=True) == first.with_name(first.name + "-2")
+    (first / "part-1").mkdir(parents=True)
+    (first / "part-1" / "suite.json").write_text("{}")
+    assert cli.default_out(rehearse=True, parts=[2]) == first  # part 2 of the same day goes beside part 1
+    assert cli.default_out(rehearse=True, parts=[1]) == first.with_name(first.name + "-2")
+
+
+def test_parts_run_one_at_a_time_merge_into_one_summary(tmp_path, monkeypatch):
+    """The GPU session's way: one command per part, each leaving one archive in $OUT; at home the
+    archives unpack side by side and --merge joins them, as running the parts in one command does."""
+    back = tmp_path / "back"
+    back.mkdir()
+    monkeypatch.setenv("OUT", str(back))
+    steps = (fake_step("first", "print('one')", figures={"a": 1}, part=1),
+             fake_step("second", "print('two')", figures={"b": 2}, part=2))
+    out = tmp_path / "gpu" / "2026-12-06"
+    assert run_main(["--rehearse", "--part", "2", "--out", str(out)], steps) == 0
+    doc = json.loads((out / "suite.json").read_text())  # merged so far: part 2 alone
+    assert [p["part"] for p in doc["parts"]] == [2] and doc["parts_missing"][0] == 1
+    assert run_main(["--rehearse", "--part", "1", "--out", str(out)], steps) == 0
+    assert sorted(a.name for a in back.iterdir()) == ["gpu-2026-12-06-part-1.tar.gz", "gpu-2026-12-06-part-2.tar.gz"]
+    assert list(records(out)) == ["first", "second"]  # in part order, whatever the order they ran in
+    assert records(out)["second"]["log"] == "part-2/logs/second.log"
+    home = tmp_path / "home"
+    for archive in back.iterdir():
+        with tarfile.open(archive) as tar:
+            tar.extractall(home, filter="data")
+    assert run_main(["--merge", str(home / "part-1"), str(home / "part-2")]) == 0
+    assert list(records(home)) == ["first", "second"]
+    assert "- part 1 (`part-1`)" in (home / "SUMMARY.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--merge", "/nonexistent/part-1"], "no such folder"),
+    (["--merge", "EMPTY"], "neither a part's folder nor a folder of part-N folders"),
+])
+def test_bad_merge_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    assert run_main([a.replace("EMPTY", str(tmp_path / "empty")) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_part_whose_archive_would_pass_the_cap_gives_up_its_traces_then_cuts_its_logs(tmp_path, monkeypatch):
+    """Only files of at most 16 MiB come back from the GPU machine: the part's archive is made to fit,
+    and suite.json says what was given up."""
+    monkeypatch.setattr("bench.suite.runner.ARCHIVE_CAP_MB", 1.0)
+    noise = ("import os, pathlib, sys; d = pathlib.Path(sys.argv[1]) / 'traces' / 'unfreeze-1'; d.mkdir(parents=True); "
+             "(d / 'rank0.pt.trace.json.gz').write_bytes(os.urandom(3 * 2**20)); "
+             "sys.stdout.buffer.write(os.urandom(3 * 2**20).hex().encode())")
+    out = tmp_path / "s"
+    assert run_main(["--rehearse", "--out", str(out), "--max-trace-mb", "100"],
+                    (fake_step("loud", noise, figures={"x": 1}),)) == 0
+    archive = out / "part-1.tar.gz"
+    assert archive.stat().st_size <= 2**20
+    cut = json.loads((out / "part-1" / "suite.json").read_text())["archive_cut"]
+    assert cut[0].startswith("runs/loud/traces/unfreeze-1") and "logs/loud.log (cut to its last MiB)" in cut
+    assert "cut to fit its archive" in (out / "SUMMARY.md").read_text()
+
+
+def test_the_compile_step_is_skipped_in_seconds_without_a_c_compiler(tmp_path, monkeypatch):
+    """Triton (and inductor's C++) compile at run time: without a compiler the step is a skip with its
+    reason, not minutes spent on a compile that cannot finish."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc, clang, c++, g++ ...
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    out = tmp_path / "s"
+    started = time.monotonic()
+    assert run_main(["--rehearse", "--steps", "compile", "--out", str(out)]) == 0
+    assert time.monotonic() - started < 30
+    compile_step = records(out)["compile"]
+    assert compile_step["status"] == "skipped" and "needs a C compiler" in compile_step["reason"]
+
+
+def test_the_compile_step_compiles_from_empty_caches_of_its_own():
+    s = _suite("gpu")
+    step = next(step for step in STEPS if step.name == "compile")
+    env = step.env(s, Path("/tmp/out/runs/compile"))
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/tmp/out/compile-cache/")
+    assert env["TRITON_CACHE_DIR"].startswith("/tmp/out/compile-cache/")
 
 
 def test_commands_match_the_brief_on_the_gpu():
@@ -286,6 +407,9 @@ def test_commands_match_the_brief_on_the_gpu():
     args = cli.get_args_parser().parse_args(["--timm-benchmark", __file__])
     s = Suite(args, Path("/tmp/out"), "gpu", GPU)
     steps = {step.name: step for step in STEPS}
+    for mode in ("gpu", "rehearsal"):
+        study = steps["seed000"].command(_suite(mode), Path("/tmp/st"))
+        assert "--no-trace" in study and study[study.index("--loader") + 1] == "torch", mode
     throughput = steps["throughput"].command(s, Path("/tmp/out/runs/throughput"))
     assert throughput[1:3] == ["-m", "bench.run"]
     text = " ".join(throughput)
@@ -304,11 +428,15 @@ def test_commands_match_the_brief_on_the_gpu():
     study = " ".join(steps["seed000"].command(s, Path("/tmp/st")))
     assert "--profile seed000-layerwise" in study and "--train-size 40000 --val-size 10000" in study
     assert "--smoke" not in study
+    assert "--no-trace" in study and "--loader torch" in study  # the throughput step's loader, no profiler
+    assert "--loaders torch,torchvision" in " ".join(steps["loaders"].command(s, Path("/tmp/l")))
+    assert "--loaders dali" in " ".join(steps["loaders-dali"].command(s, Path("/tmp/ld")))
     assert "-k cuda" in " ".join(steps["microbench"].command(s, Path("/tmp/m")))
     folder = " ".join(steps["folder"].before(s, Path("/tmp/fo")))
     assert "-m bench.make_folder /tmp/fo/images" in folder
     loaders = " ".join(steps["folder"].command(s, Path("/tmp/fo")))
     assert "--dataset folder:/tmp/fo/images" in loaders and "--augment flip-crop" in loaders and "--device cuda" in loaders
+    assert "--loaders torch,torchvision,dali" in loaders  # DALI last
     timm = steps["timm"].command(s, Path("/tmp/timm"))
     assert timm[1] == __file__ and "--amp-dtype bfloat16" in " ".join(timm)
 
@@ -357,21 +485,21 @@ def test_the_loaders_step_reads_its_json_and_a_loader_it_could_not_build_says_wh
     assert "| loaders: torch alone | 1,000 img/s | – | – | – | batch 8.00 ms |" in lines
 
 
-def test_without_dali_the_loaders_step_runs_and_only_the_dali_step_is_skipped(tmp_path, monkeypatch):
+def test_without_dali_the_torch_loaders_are_measured_and_only_the_dali_steps_are_skipped(tmp_path, monkeypatch):
     (tmp_path / "hide").mkdir()  # every step's interpreter (and its import check) then fails `import nvidia.dali`
     (tmp_path / "hide" / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "hide"),
                                                                    os.environ.get("PYTHONPATH")])))
     out = tmp_path / "s"
-    assert run_main(["--rehearse", "--steps", "loaders,dali", "--out", str(out)]) == 0
-    loaders, dali = records(out)["loaders"], records(out)["dali"]
+    assert run_main(["--rehearse", "--steps", "loaders,loaders-dali,dali", "--out", str(out)]) == 0
+    steps = records(out)
+    loaders = steps["loaders"]
     assert loaders["status"] == "ok", loaders
     assert "--json" in loaders["command"] and "--loaders" in loaders["command"]
     assert loaders["figures"]["loaders"]["torch"]["images_per_s"] > 0
-    assert "nvidia.dali" in loaders["figures"]["loaders"]["dali"]["error"]
-    assert loaders["figures"]["loaders"]["dali"]["error"].startswith("not measured: ")
-    assert dali["status"] == "skipped" and "import nvidia.dali" in dali["reason"]
-    assert "| loaders: dali alone | – |" in (out / "SUMMARY.md").read_text()
+    for name in ("loaders-dali", "dali"):
+        assert steps[name]["status"] == "skipped" and "import nvidia.dali" in steps[name]["reason"]
+    assert "| loaders-dali | skipped |" in (out / "SUMMARY.md").read_text()
 
 
 @pytest.mark.parametrize("size", [GPU, REHEARSAL], ids=["gpu", "rehearsal"])

@@ -1,10 +1,11 @@
 """Tests for pipelines.torch_folder.TorchFolderLoader (`--loader torch` on image folders), on the CPU:
 agreement of its evaluation view with torchvision's transform of PIL's pixels, the loader contract of
 pipelines.contract (layout, order, sharding, partial batches, determinism), the random-resized crop's
-parameters against torchvision's RandomResizedCrop, and the routing of files between nvJPEG and the host
-(simulated: no GPU here)."""
+parameters against torchvision's RandomResizedCrop, the routing of files between nvJPEG and the host
+(simulated: no GPU here), and nvJPEG's stream ordering (simulated here; the race itself on CUDA)."""
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -19,7 +20,8 @@ from torchvision.transforms import v2
 from pipelines import torch_folder
 from pipelines.contract import batch_count, epoch_order, shard_size
 from pipelines.folder import RRC_RATIO, RRC_SCALE, load_folder, read_rgb
-from pipelines.torch_folder import DRAWS, TorchFolderLoader, decode_host, device_decodable, random_resized_crop
+from pipelines.torch_folder import (DRAWS, TorchFolderLoader, decode_host, decode_on_device, device_decodable,
+                                    random_resized_crop)
 
 
 SIZE = 32
@@ -297,3 +299,100 @@ def test_cuda_output_agrees_with_the_cpu_loader(tree):
     np.testing.assert_array_equal(torch.cat([y for _, y in out]).cpu().numpy(), labels)
     diff = (levels(torch.cat([x for x, _ in out]).float().cpu()) - levels(eval_views(files))).abs()
     assert diff.mean().item() < 2.0, f"mean {diff.mean().item():.3f} levels, max {diff.max().item():.1f}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# nvJPEG's stream: torchvision allocates decode_jpeg's images on the caller's stream and writes them on
+# its own, so memory the consumer's queued kernels still read could be overwritten (issue 23)
+# ----------------------------------------------------------------------------------------------------
+
+def test_the_cpu_path_touches_no_cuda_stream(tree, monkeypatch):
+    files, labels = tree
+    expected = eval_views(files)
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CUDA stream on the CPU path")
+
+    for name in ("Stream", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    dl = make(files, labels, num_threads=2)
+    dl.jpeg_on_device = True  # decode_jpeg on the CPU stands in for nvJPEG, as above
+    assert torch.equal(images(dl), expected)
+
+
+def test_device_decode_runs_on_a_private_stream_the_consumer_waits_for_and_records(monkeypatch):
+    """The protocol that keeps nvJPEG's writes off memory in use (simulated streams; the race: below)."""
+    log: list[str] = []
+
+    class Stream:
+        def __init__(self, name: str):
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Image:
+        def record_stream(self, stream: Stream) -> None:
+            log.append(f"recorded on {stream.name}")
+
+    consumer, private = Stream("consumer"), Stream("private")
+    current = [consumer]
+
+    @contextlib.contextmanager
+    def stream(s: Stream):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def decode_jpeg(data, *, device, mode):
+        log.append(f"decoded on {current[-1].name}")  # where torchvision allocates the images
+        return [Image() for _ in data]
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch_folder, "decode_jpeg", decode_jpeg)
+    out = decode_on_device([torch.zeros(4, dtype=torch.uint8)] * 2, torch.device("cuda"), private)
+    assert len(out) == 2 and current == [consumer]
+    assert log == ["decoded on private", "consumer waits for private", "recorded on consumer", "recorded on consumer"]
+
+
+@pytest.fixture(scope="module")
+def two_photos(tmp_path_factory) -> list[str]:
+    """Two 768 px baseline JPEGs (nvJPEG's), each the other's negative: a batch that reads the other's
+    memory is off by about 100 grey levels. Large enough for the allocator's large pool, where freed
+    decodes and resize buffers are handed out again whole."""
+    ramp = np.linspace(0, 255, 768, dtype=np.float32)
+    a = np.stack([np.tile(ramp, (768, 1)), np.tile(ramp[:, None], (1, 768)), np.full((768, 768), 40.0)], axis=-1)
+    paths = []
+    for name, pixels in (("a", a), ("b", 255.0 - a)):
+        path = tmp_path_factory.mktemp("photos") / f"{name}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(path, quality=95)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: nvJPEG, streams and the caching allocator")
+@pytest.mark.parametrize("threads", [0, 2])
+def test_nvjpeg_never_overwrites_images_the_consumer_still_reads(two_photos, threads):
+    """Batches alternate between the two photos while the consumer's stream runs far behind the host (a
+    sleep kernel per batch, as behind long training steps), so batch k's resize kernels are still queued
+    when batch k + 1 is decoded. Decoded on the consumer's stream, batch k + 1 got the memory batch k had
+    just freed and nvJPEG wrote it before those kernels read it. Every batch must still be its photo."""
+    per_batch, batches = 4, 12
+    files = [two_photos[k % 2] for k in range(batches) for _ in range(per_batch)]
+    cpu = {i: levels(eval_views([f] * per_batch)) for i, f in enumerate(two_photos)}
+    cuda = make(files, np.zeros(len(files), dtype=np.int64), batch_size=per_batch, device=torch.device("cuda"),
+                num_threads=threads)
+    out = []
+    for x, _ in cuda:
+        torch.cuda._sleep(50_000_000)  # tens of ms on the consumer's stream, queued ahead of the next batch's work
+        out.append(x)
+    torch.cuda.synchronize()
+    assert len(out) == batches
+    for k, x in enumerate(out):
+        diff = (levels(x.float().cpu()) - cpu[k % 2]).abs().mean(dim=(1, 2, 3))
+        assert diff.max().item() < 2.0, f"batch {k}: mean differences {diff.tolist()} levels from the CPU decode"
+        if k >= 2:  # nvJPEG and the resize are deterministic: the same photo, the same batch
+            assert torch.equal(x, out[k - 2]), f"batch {k} differs from batch {k - 2}"

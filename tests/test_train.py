@@ -17,8 +17,8 @@ from bench.variant import VariantRun
 from bench.variants import Variant
 from models import apply_unfreeze, build_model, set_train_mode
 from pipelines import LoaderSpec, load_dataset
-from pipelines.dali import DaliLoader
 from pipelines.synthetic import make_synthetic
+from pipelines.torch_loader import TorchLoader
 
 CPU = torch.device("cpu")
 
@@ -158,7 +158,7 @@ def _trainer(precision: str, depth="all", lr=2e-3):
 
 def _eval_loader(split, batch_size=32):
     images, labels = split
-    return DaliLoader(images, labels, LoaderSpec(batch_size=batch_size, train=False, image_size=32,
+    return TorchLoader(images, labels, LoaderSpec(batch_size=batch_size, train=False, image_size=32,
                                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=CPU))
 
 
@@ -219,7 +219,7 @@ def test_trainer_evaluate_top5_is_100_with_few_classes():
 def test_train_epoch_respects_max_steps_and_next_epoch_is_whole(small_data):
     trainer, _, _ = _trainer("fp32", depth=1)
     (images, labels), _ = small_data
-    loader = DaliLoader(images, labels, LoaderSpec(batch_size=32, train=True, image_size=32, mean=(0.5,) * 3,
+    loader = TorchLoader(images, labels, LoaderSpec(batch_size=32, train=True, image_size=32, mean=(0.5,) * 3,
                                                    std=(0.25,) * 3, device=CPU))
     stats = trainer.train_epoch(loader, max_steps=3)
     assert stats.images == 96 and trainer.steps_done == 3 and len(stats.step_ms) == 3

@@ -1,5 +1,7 @@
-"""Running the steps: each in its own process group under its own limit, within the budget, its
-failures recorded and never raised; suite.json and SUMMARY.md after every step, the .tar.gz at the end."""
+"""Running one part: each step in its own process group under its own limit, its failures recorded and
+never raised; the part's suite.json and SUMMARY.md after every step; at the end one .tar.gz of the
+part, at most ARCHIVE_CAP_MB (into $OUT when it is set: on the GPU machine the only files that come
+back), and the merged suite.json and SUMMARY.md of every part in the suite folder."""
 from __future__ import annotations
 
 import json
@@ -18,19 +20,22 @@ from rich.console import Console
 from bench.files import atomic_write
 from bench.signals import StopSignal, interrupt_exit_code
 from bench.suite.figures import COMPILE_ESTIMATE, check_targets, compute_figures, step_figures
+from bench.suite.merge import merge_parts
 from bench.suite.parse import ParseError
-from bench.suite.steps import ROOT, Step, Suite
+from bench.suite.steps import COMPILE_CACHE, KILL_GRACE_S, ROOT, Step, Suite
 from bench.suite.summary import render_summary
 
-BUDGET_S = {"gpu": 480.0, "rehearsal": 180.0}
-KILL_GRACE_S = {"gpu": 20.0, "rehearsal": 5.0}  # after SIGTERM bench.run writes what it finished
-TRACE_CAP_MB = 64.0
+TRACE_CAP_MB = 12.0     # per part; its archive must stay under ARCHIVE_CAP_MB with the logs and results
+ARCHIVE_CAP_MB = 16.0   # the largest file the GPU machine sends back
+LOG_KEEP_BYTES = 2**20  # a log cut to fit the archive keeps its last MiB
 TAIL_LINES = 15
 
 
-def run_process(argv: list[str], log: Path, limit_s: float, grace_s: float) -> tuple[str, int | None]:
+def run_process(argv: list[str], log: Path, limit_s: float, grace_s: float,
+                extra_env: dict | None = None) -> tuple[str, int | None]:
     """Run `argv` into `log`; past `limit_s` stop its whole process group."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}  # a killed step keeps its log
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",  # a killed step keeps its log
+           **(extra_env or {})}
     with open(log, "w") as out:
         out.write(f"$ {shlex.join(argv)}\n\n")
         out.flush()
@@ -94,18 +99,20 @@ def run_step(suite: Suite, step: Step) -> dict:
     run_dir, log = suite.out / "runs" / step.name, suite.out / "logs" / f"{step.name}.log"
     run_dir.mkdir(parents=True)  # empty: bench.run refuses only a folder that is not
     argv = step.command(suite, run_dir)
+    env = step.env(suite, run_dir) if step.env is not None else None
     started = time.monotonic()
     status, returncode = "ok", 0
     if step.before is not None:
         before = step.before(suite, run_dir)
-        status, returncode = run_process(before, log.with_suffix(".before.log"), limit, KILL_GRACE_S[suite.mode])
+        status, returncode = run_process(before, log.with_suffix(".before.log"), limit, KILL_GRACE_S[suite.mode],
+                                         env)
         if status != "ok":
             argv, log = before, log.with_suffix(".before.log")
     if status == "ok":
         status, returncode = run_process(argv, log, max(1.0, limit - (time.monotonic() - started)),
-                                         KILL_GRACE_S[suite.mode])
+                                         KILL_GRACE_S[suite.mode], env)
     record.update(command=argv, status=status, returncode=returncode, seconds=round(time.monotonic() - started, 1),
-                  log=str(log.relative_to(suite.out)))
+                  log=str(log.relative_to(suite.out)), env=env)
     try:  # a failed or stopped run may still have left figures: bench.run writes after every variant
         record["figures"] = step.parse(suite.out, run_dir, log)
     except (ParseError, OSError, ValueError, KeyError, TypeError) as e:
@@ -139,9 +146,11 @@ def tail(log: Path, lines: int = TAIL_LINES) -> list[str]:
 
 def prune(suite: Suite, run_dir: Path, record: dict) -> None:
     """Keep the folder shareable: no checkpoints (weights, not results), no generated images (inputs,
-    not results), and the step's traces only while every trace kept so far fits in --max-trace-mb."""
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    shutil.rmtree(run_dir / "images", ignore_errors=True)
+    not results), no compile caches, and the step's traces only while every trace kept so far fits in
+    --max-trace-mb."""
+    for name in ("checkpoints", "images"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    shutil.rmtree(suite.out / COMPILE_CACHE, ignore_errors=True)
     traces = sorted(p for p in (run_dir / "traces").glob("*") if p.is_dir())
     kept_mb = folder_mb(suite.out / "runs", "*/traces/**/*") - sum(folder_mb(p) for p in traces)  # other steps'
     dropped = []
@@ -162,28 +171,74 @@ def folder_mb(path: Path, pattern: str = "**/*") -> float:
 
 def suite_document(suite: Suite) -> dict:
     figures = compute_figures(suite.records)
-    return {"suite_version": 1, "mode": suite.mode, "argv": suite.argv, "out": str(suite.out),
+    return {"suite_version": 2, "mode": suite.mode, "part": suite.part, "argv": suite.argv, "out": str(suite.out),
             "started_utc": suite.started_utc, "updated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.monotonic() - suite.started, 1), "budget_s": suite.args.budget,
             "settings": {**suite.size, "timm_benchmark": suite.args.timm_benchmark,
-                         "max_trace_mb": suite.args.max_trace_mb, "steps": list(suite.records)},
+                         "max_trace_mb": suite.args.max_trace_mb, "step_names": list(suite.records)},
             "environment": step_figures(suite.records, "environment"), "figures": figures,
             "targets": check_targets(figures), "compile_estimate": COMPILE_ESTIMATE,
-            "steps": list(suite.records.values())}
+            "archive_cut": suite.archive_cut, "steps": list(suite.records.values())}
 
 
 def write_outputs(suite: Suite) -> None:
-    atomic_write(suite.out / "suite.json", json.dumps(suite_document(suite), indent=2) + "\n")
-    atomic_write(suite.out / "SUMMARY.md", render_summary(suite))
+    doc = suite_document(suite)
+    atomic_write(suite.out / "suite.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write(suite.out / "SUMMARY.md", render_summary(doc))
 
 
-def pack(out: Path) -> Path:
-    """OUT.tar.gz beside OUT: the whole result as one file."""
+def pack(folder: Path, archive: Path) -> int:
+    """`folder` as one .tar.gz at `archive` (its root named after the folder); its size in bytes."""
     def write(f) -> None:
         with tarfile.open(fileobj=f, mode="w:gz") as tar:
-            tar.add(out, arcname=out.name)
-    archive = out.with_name(out.name + ".tar.gz")
+            tar.add(folder, arcname=folder.name)
     atomic_write(archive, write)
+    return archive.stat().st_size
+
+
+def shrink(suite: Suite) -> str | None:
+    """One thing less in the part's folder, so that its archive fits: the largest trace folder left,
+    else the longest log cut to its last LOG_KEEP_BYTES; what went, or None when nothing is left to cut."""
+    traces = [p for p in suite.out.glob("runs/*/traces/*") if p.is_dir()]
+    if traces:
+        largest = max(traces, key=folder_mb)
+        what = f"{largest.relative_to(suite.out)} ({folder_mb(largest):.1f} MB)"
+        shutil.rmtree(largest)
+        return what
+    logs = [p for p in suite.out.glob("logs/*.log") if p.stat().st_size > LOG_KEEP_BYTES]
+    if logs:
+        longest = max(logs, key=lambda p: p.stat().st_size)
+        with open(longest, "rb") as f:
+            f.seek(-LOG_KEEP_BYTES, os.SEEK_END)
+            kept = f.read()
+        atomic_write(longest, b"[... cut to its last MiB to fit the archive ...]\n" + kept)
+        return f"{longest.relative_to(suite.out)} (cut to its last MiB)"
+    return None
+
+
+def archive_path(suite: Suite) -> Path:
+    """Into $OUT when it is set (the GPU machine's way back), named so that parts of several devices and
+    days do not collide; else beside the part's folder."""
+    target = os.environ.get("OUT")
+    if target:
+        return Path(target) / f"{suite.out.parent.parent.name}-{suite.out.parent.name}-{suite.out.name}.tar.gz"
+    return suite.out.with_name(suite.out.name + ".tar.gz")
+
+
+def pack_part(suite: Suite) -> Path:
+    """The part's archive, at most ARCHIVE_CAP_MB: traces, then the longest logs, are given up until it
+    fits, and suite.json names each."""
+    archive = archive_path(suite)
+    cut = []
+    while pack(suite.out, archive) > ARCHIVE_CAP_MB * 2**20:
+        what = shrink(suite)
+        if what is None:
+            print(f"bench.suite: warning: {archive} is {archive.stat().st_size / 2**20:.1f} MiB, over "
+                  f"{ARCHIVE_CAP_MB:g}")
+            break
+        cut.append(what)
+        suite.archive_cut = cut
+        write_outputs(suite)
     return archive
 
 
@@ -209,24 +264,27 @@ def run_steps(suite: Suite, steps: list[Step], console: Console) -> None:
         write_outputs(suite)
 
 
-def run_suite(suite: Suite, steps, wanted: list[str], console: Console) -> int:
-    """Every step in order (or skipped, saying why), the folder rewritten after each, packed at the end.
-    Exit code: 0 when every step that ran is ok, 1 otherwise; 130 or 143 when stopped."""
+def run_part(suite: Suite, steps, wanted: list[str], console: Console) -> int:
+    """Every step of the part in order (or skipped, saying why), its folder rewritten after each, packed
+    at the end, and the suite folder's merged summary refreshed. Exit code: 0 when every step that ran
+    is ok, 1 otherwise; 130 or 143 when stopped."""
     suite.records = {s.name: blank_record(suite, s, "pending") if s.name in wanted else
                      blank_record(suite, s, "skipped", "not in --steps") for s in steps}
     (suite.out / "logs").mkdir(parents=True, exist_ok=True)
     write_outputs(suite)
-    console.print(f"bench.suite ({suite.mode}): {len(wanted)} steps, --budget {suite.args.budget:g} s -> {suite.out}")
+    console.print(f"bench.suite ({suite.mode}) part {suite.part}: {len(wanted)} steps -> {suite.out}")
     try:
         with StopSignal():  # the running step's process group is stopped and the folder written
             run_steps(suite, [s for s in steps if s.name in wanted], console)
     except KeyboardInterrupt as e:
         mark_interrupted(suite)
         write_outputs(suite)
-        console.print(f"bench.suite: stopped; what finished is in {suite.out} and {pack(suite.out)}")
+        console.print(f"bench.suite: stopped; what finished is in {suite.out} and {pack_part(suite)}")
+        merge_parts([suite.out.parent], suite.out.parent)
         return interrupt_exit_code(e)
-    archive = pack(suite.out)
+    archive = pack_part(suite)
+    merge_parts([suite.out.parent], suite.out.parent)
     ran = [r for r in suite.records.values() if r["status"] not in ("skipped", "pending")]
-    console.print(f"bench.suite: {sum(r['status'] == 'ok' for r in ran)}/{len(ran)} steps ok; "
-                  f"{suite.out / 'SUMMARY.md'}, {archive}")
+    console.print(f"bench.suite: part {suite.part}: {sum(r['status'] == 'ok' for r in ran)}/{len(ran)} steps ok; "
+                  f"{suite.out / 'SUMMARY.md'}, {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
     return 0 if all(r["status"] == "ok" for r in ran) else 1

@@ -1,5 +1,11 @@
-"""The steps, in priority order: the command each runs in its own process, how its figures are read
-back, and when it cannot run here; and the two sizes they run at."""
+"""The steps, in priority order and grouped into parts: the command each runs in its own process, how
+its figures are read back, and when it cannot run here; and the two sizes they run at.
+
+A part is what one command on the GPU machine runs (at most 600 s there, and only the files under $OUT
+come back): its steps' time limits, their kill grace and the suite's start-up fit in PART_LIMIT_S. The
+parts go in the order of value, so a session that runs out of device time has the figures that matter
+most; the ones that need DALI come after the parts that need only torch, so that DALI is staged only
+once those figures are safe."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +19,7 @@ from pathlib import Path
 
 from bench.suite.parse import (parse_environment, parse_loaders, parse_microbench, parse_pytest, parse_run,
                                parse_timm)
+from bench.toolchain import compile_toolchain_missing
 
 ROOT = Path(__file__).resolve().parents[2]  # the steps run here, so `-m bench.run` is this checkout's
 
@@ -24,7 +31,21 @@ GPU = {"device": "cuda", "model": "resnet50", "image_size": 224, "num_classes": 
 REHEARSAL = {"device": "cpu", "model": "resnet18", "image_size": 32, "num_classes": 10, "batch_size": 8,
              "train_size": 32, "val_size": 16, "steps": 2, "warmup_steps": 1, "unfreeze": "1,3,6,12,15,25,all",
              "workers": 1}
-LOADERS = "dali,torch,torchvision"
+# DALI is measured last or in a process of its own: it has never run on the GPU, and a crash or a hang
+# there must not cost the torch and torchvision rows.
+TORCH_LOADERS, DALI_LOADER, FOLDER_LOADERS = "torch,torchvision", "dali", "torch,torchvision,dali"
+
+COMPILE_CACHE = "compile-cache"  # in a part's folder while its steps run
+PART_LIMIT_S = 540      # one command on the GPU machine: 600 s, less the transfers
+STARTUP_S = 20          # the suite's own start-up and the import checks before its first step
+KILL_GRACE_S = {"gpu": 10.0, "rehearsal": 5.0}  # after SIGTERM bench.run writes what it finished
+
+
+@dataclass(frozen=True)
+class Part:
+    number: int
+    title: str
+    needs_dali: bool = False   # run it after `../shared/device/README.md`'s DALI staging
 
 
 @dataclass
@@ -35,13 +56,16 @@ class Suite:
     mode: str                      # "gpu" or "rehearsal"
     size: dict
     argv: list = field(default_factory=list)
+    part: int | None = None        # the part this folder holds
+    archive_cut: list = field(default_factory=list)  # what was given up for the archive to fit
     started: float = field(default_factory=time.monotonic)
     started_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     records: dict = field(default_factory=dict)
     imports: dict = field(default_factory=dict)  # "module in folder" -> None when it imports, else why not
 
     def remaining_s(self) -> float:
-        return self.args.budget - (time.monotonic() - self.started)
+        budget = self.args.budget if self.args.budget is not None else float("inf")
+        return budget - (time.monotonic() - self.started)
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,9 @@ class Step:
     skip_if: Callable[[Suite], str | None] = lambda suite: None
     # a command run first, in the same folder and within the same limit (writing the step's input)
     before: Callable[[Suite, Path], list[str]] | None = None
+    part: int = 1
+    # environment variables for the step's processes, on top of the suite's own
+    env: Callable[[Suite, Path], dict] | None = None
 
     def limit(self, suite: Suite) -> int:
         return self.rehearse_limit_s if suite.mode == "rehearsal" else self.limit_s
@@ -90,12 +117,14 @@ def bench_run(overrides: dict | None = None, rehearse: dict | None = None):
 def study_command(suite: Suite, run_dir: Path) -> list[str]:
     """seed 000's whole study as the profile ships it (feature cache, final retrain of the best depth),
     on synthetic CIFAR-100-shaped data: synthetic splits are drawn apart, so 40,000 training and 10,000
-    validation (and 10,000 test) images are CIFAR-100's split exactly."""
+    validation (and 10,000 test) images are CIFAR-100's split exactly. The throughput step's loader and
+    no profiler trace: the trace step measures those, and here they would only add to the study's time."""
+    common = {"profile": "seed000-layerwise", "loader": "torch", "trace": False}
     if suite.mode == "rehearsal":
-        settings = {"profile": "seed000-layerwise", "smoke": True, "device": "cpu"}
+        settings = {**common, "smoke": True, "device": "cpu"}
     else:
-        settings = {"profile": "seed000-layerwise", "dataset": "synthetic", "num_classes": 100,
-                    "train_size": 40_000, "val_size": 10_000, "weights": "none", "device": "cuda"}
+        settings = {**common, "dataset": "synthetic", "num_classes": 100, "train_size": 40_000, "val_size": 10_000,
+                    "weights": "none", "device": "cuda"}
     return [sys.executable, "-m", "bench.run", *flags({**settings, "out": run_dir})]
 
 
@@ -104,14 +133,16 @@ def probe_command(suite: Suite, run_dir: Path) -> list[str]:
             *(["--rehearse"] if suite.mode == "rehearsal" else [])]
 
 
-def loaders_command(suite: Suite, run_dir: Path) -> list[str]:
+def loaders_command(loaders: str):
     """bench.loaders at the throughput runs' settings; a loader it cannot build here is a row with its
     reason, and the others are still measured."""
-    keep = ("device", "image_size", "num_classes", "batch_size", "train_size", "val_size", "workers")
-    settings = {"profile": "default", "dataset": "synthetic", "weights": "none", "augment": "none",
-                "precision": "bf16", **{k: v for k, v in suite.size.items() if k in keep}}
-    return [sys.executable, "-m", "bench.loaders", "--loaders", LOADERS, "--json", str(run_dir / "loaders.json"),
-            *flags(settings)]
+    def command(suite: Suite, run_dir: Path) -> list[str]:
+        keep = ("device", "image_size", "num_classes", "batch_size", "train_size", "val_size", "workers")
+        settings = {"profile": "default", "dataset": "synthetic", "weights": "none", "augment": "none",
+                    "precision": "bf16", **{k: v for k, v in suite.size.items() if k in keep}}
+        return [sys.executable, "-m", "bench.loaders", "--loaders", loaders, "--json", str(run_dir / "loaders.json"),
+                *flags(settings)]
+    return command
 
 
 # The folder step's images: ImageNet-like JPEGs (shorter side about 375 px, quality 90), enough for
@@ -131,8 +162,23 @@ def folder_loaders_command(suite: Suite, run_dir: Path) -> list[str]:
     keep = ("device", "image_size", "batch_size", "workers")
     settings = {"profile": "default", "dataset": f"folder:{run_dir / 'images'}", "weights": "none",
                 "augment": "flip-crop", "precision": "bf16", **{k: v for k, v in suite.size.items() if k in keep}}
-    return [sys.executable, "-m", "bench.loaders", "--loaders", LOADERS, "--json", str(run_dir / "loaders.json"),
-            *flags(settings)]
+    return [sys.executable, "-m", "bench.loaders", "--loaders", FOLDER_LOADERS, "--json",
+            str(run_dir / "loaders.json"), *flags(settings)]
+
+
+def cold_compile_caches(suite: Suite, run_dir: Path) -> dict:
+    """Fresh inductor (FX graph, AOTAutograd) and Triton caches of the step's own: `compile_s` is then a
+    user's first compilation, not a hit on what an earlier run left in /tmp. Beside the run's folder,
+    not in it (inductor makes its folder as it starts, and bench.run wants its --out empty); `prune`
+    drops them."""
+    cache = suite.out / COMPILE_CACHE / run_dir.name
+    return {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+
+
+def toolchain_missing(suite: Suite) -> str | None:
+    """torch.compile builds C (Triton's launchers on CUDA, inductor's C++ on the CPU) at run time: a
+    missing compiler or Python.h is found here in milliseconds, not after minutes of a failing step."""
+    return compile_toolchain_missing(suite.size["device"])
 
 
 def timm_command(suite: Suite, run_dir: Path) -> list[str]:
@@ -190,40 +236,62 @@ def timm_missing(suite: Suite) -> str | None:
     return import_error(suite, "timm", Path(suite.args.timm_benchmark).resolve().parent)
 
 
-# Limits: on the GPU about twice what each step should take on one H200 (compilation and seed 000's
-# study are the long ones); in the rehearsal 3-5 times the time on 2 idle cores (about 100 s for all),
-# so that a busy machine skips the last steps for the budget rather than stopping one half-way.
+PARTS = (
+    Part(1, "torch loader: the environment, every depth's training throughput, seed 000's study"),
+    Part(2, "torch loader: the loaders alone, fp16, NCHW, each depth phase by phase, timm's peer"),
+    Part(3, "torch.compile from a cold cache; one profiler trace per depth"),
+    Part(4, "DALI: the DALI loader alone and training with it; the loaders on a folder of JPEGs", needs_dali=True),
+    Part(5, "the micro-benchmarks (pytest --benchmark-only, CUDA cases; the DALI ones need it staged)",
+         needs_dali=True),
+    Part(6, "the whole pytest suite on this machine"),
+)
+
+# Limits: on the GPU about twice what each step should take on one H100 or H200 (compilation and seed
+# 000's study are the long ones), within PART_LIMIT_S per part; in the rehearsal 3-5 times the time on
+# 2 idle cores.
 STEPS = (
     Step("environment", "device, driver and versions; bf16 matmul ceiling; device-to-device copy bandwidth",
-         60, 30, probe_command, parse_environment),
+         40, 30, probe_command, parse_environment, part=1),
     Step("throughput", "ResNet-50, 224 px, bf16, channels_last, torch loader, every depth, eager",
-         180, 45, bench_run(), parse_run),
-    Step("compile", "the same, --compile, unfreeze 1 and all", 300, 90,
-         bench_run({"compile": True, "unfreeze": "1,all"}, rehearse={"unfreeze": "1"}), parse_run),
+         170, 45, bench_run(), parse_run, part=1),
+    Step("seed000", "--profile seed000-layerwise at full size on synthetic CIFAR-100-shaped data, torch loader, "
+                    "no trace (--smoke rehearsed)", 280, 60, study_command, parse_run, part=1),
+    Step("loaders", "bench.loaders: torch and torchvision alone", 60, 30, loaders_command(TORCH_LOADERS),
+         parse_loaders, part=2),
     # fp16 on a CPU is emulated: the rehearsal's time is mostly bench.run's fp16 ceiling
-    Step("fp16", "the same, --precision fp16, unfreeze all", 90, 120,
-         bench_run({"precision": "fp16", "unfreeze": "all"}), parse_run),
-    Step("nchw", "the same, --no-channels-last, unfreeze all", 90, 30,
-         bench_run({"channels_last": False, "unfreeze": "all"}), parse_run),
-    Step("timm", "timm's benchmark.py --bench train on the same model, batch, size and precision",
-         120, 40, timm_command, parse_timm, timm_missing),
-    Step("loaders", "bench.loaders: dali, torch and torchvision alone", 120, 30, loaders_command, parse_loaders),
-    Step("folder", "bench.loaders on a folder of JPEGs (bench.make_folder): decoding, random-resized crop, flip",
-         240, 60, folder_loaders_command, parse_loaders, before=make_folder_command),
-    Step("dali", "throughput with --loader dali, unfreeze 1 and all", 120, 45,
-         bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali")),
+    Step("fp16", "the same, --precision fp16, unfreeze all", 75, 120,
+         bench_run({"precision": "fp16", "unfreeze": "all"}), parse_run, part=2),
+    Step("nchw", "the same, --no-channels-last (NCHW batches and model), unfreeze all", 75, 30,
+         bench_run({"channels_last": False, "unfreeze": "all"}), parse_run, part=2),
     Step("breakdown", "each depth's step phase by phase (--breakdown): input, frozen forward, trainable forward, "
                       "backward, optimizer", 120, 45,
-         bench_run({"breakdown": True, "unfreeze": "1,6,12,25,all"}, rehearse={"unfreeze": "1,all"}), parse_run),
-    Step("seed000", "--profile seed000-layerwise at full size on synthetic CIFAR-100-shaped data (--smoke rehearsed)",
-         360, 60, study_command, parse_run),
+         bench_run({"breakdown": True, "unfreeze": "1,6,12,25,all"}, rehearse={"unfreeze": "1,all"}), parse_run,
+         part=2),
+    Step("timm", "timm's benchmark.py --bench train on the same model, batch, size and precision",
+         120, 40, timm_command, parse_timm, timm_missing, part=2),
+    Step("compile", "the same, --compile from empty compile caches, unfreeze 1 and all", 300, 90,
+         bench_run({"compile": True, "unfreeze": "1,all"}, rehearse={"unfreeze": "1"}), parse_run,
+         toolchain_missing, part=3, env=cold_compile_caches),
     # Steps past the profiler's window (its 1 warm-up + --trace-steps, after the warm-up steps), or
     # images/s would time the profiler and bench.run warns: 10 > 1 + 3 on the GPU, 6 > 1 + 3 rehearsed.
-    Step("trace", "one profiler trace per depth, and its summary", 180, 45,
+    Step("trace", "one profiler trace per depth, and its summary", 150, 45,
          bench_run({"trace": True, "trace_steps": 3, "steps": 10, "warmup_steps": 5},
                    rehearse={"steps": 6, "warmup_steps": 1, "unfreeze": "1,all"}),
-         parse_run),
+         parse_run, part=3),
+    Step("loaders-dali", "bench.loaders: dali alone, in a process of its own", 60, 30, loaders_command(DALI_LOADER),
+         parse_loaders, needs_module("nvidia.dali"), part=4),
+    Step("dali", "throughput with --loader dali, unfreeze 1 and all", 120, 45,
+         bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali"), part=4),
+    Step("folder", "bench.loaders on a folder of JPEGs (bench.make_folder): decoding, random-resized crop, flip; "
+                   "torch, torchvision, then dali", 240, 60, folder_loaders_command, parse_loaders,
+         before=make_folder_command, part=4),
     Step("microbench", "pytest --benchmark-only, the CUDA cases of tests/test_benchmarks.py", 480, 30,
-         microbench_command, parse_microbench),
-    Step("pytest", "the whole pytest suite on this machine", 600, 30, pytest_command, parse_pytest),
+         microbench_command, parse_microbench, part=5),
+    Step("pytest", "the whole pytest suite on this machine", 500, 30, pytest_command, parse_pytest, part=6),
 )
+
+
+def part_limit_s(steps, number: int, mode: str = "gpu") -> float:
+    """The longest a part can take: its start-up, and each step's limit and kill grace."""
+    return STARTUP_S + sum(s.limit_s if mode == "gpu" else s.rehearse_limit_s for s in steps if s.part == number) \
+        + KILL_GRACE_S[mode] * sum(s.part == number for s in steps)

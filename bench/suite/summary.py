@@ -1,10 +1,7 @@
 """SUMMARY.md: one table (the targets first, then every other figure), then the steps."""
 from __future__ import annotations
 
-import time
-
 from bench.suite.figures import COMPILE_ESTIMATE, check_targets, compute_figures, ok_rows, step_figures
-from bench.suite.steps import Suite
 
 TARGET_SOURCE = {  # target -> (the bench.run step whose ceiling is beside it, the depth whose MFU is)
     "all_images_per_s": ("throughput", "all"), "unfreeze1_images_per_s": ("throughput", "1"),
@@ -12,7 +9,7 @@ TARGET_SOURCE = {  # target -> (the bench.run step whose ceiling is beside it, t
     "dali_loader_speedup": ("dali", None), "dali_data_wait_pct": ("dali", None),
     "study_gpu_minutes": ("seed000", None), "compile_overhead_pct": ("compile", None),
     "timm_ratio": ("throughput", "all")}
-RUN_STEPS = ("throughput", "compile", "fp16", "nchw", "dali", "breakdown", "trace", "seed000")
+RUN_STEPS = ("throughput", "seed000", "fp16", "nchw", "breakdown", "compile", "trace", "dali")
 PHASES = (("input_ms", "input"), ("frozen_forward_ms", "frozen fwd"), ("trainable_forward_ms", "trainable fwd"),
           ("backward_ms", "backward"), ("optimizer_ms", "optimizer"))
 HEADER = ["| figure | measured | target | result | ceiling in the same run | notes |", "|---|---|---|---|---|---|"]
@@ -98,7 +95,7 @@ def info_lines(records: dict) -> list[str]:
     """Every other figure, without a target: each bench.run row, the loaders, the peer, the pytest steps."""
     lines = [run_row_line(records, step, variant, row) for step in RUN_STEPS
              for variant, row in step_figures(records, step).get("rows", {}).items()]
-    for step, what in (("loaders", "alone"), ("folder", "on JPEG files")):
+    for step, what in (("loaders", "alone"), ("loaders-dali", "alone"), ("folder", "on JPEG files")):
         for name, loader in step_figures(records, step).get("loaders", {}).items():
             note = loader.get("error") or f"batch {number(loader['batch_ms_median'], 'ms')}"
             lines.append(f"| {step}: {name} {what} | {number(loader['images_per_s'], 'img/s')} | – | – | – | "
@@ -141,15 +138,31 @@ def step_lines(records: dict) -> list[str]:
     return lines
 
 
-def render_summary(suite: Suite) -> str:
-    s = suite.size
+def parts_lines(doc: dict) -> list[str]:
+    """A merged suite: which parts it holds, when each ran and what each gave up to fit its archive."""
+    lines = []
+    for part in doc.get("parts") or []:
+        cut = f"; cut to fit its archive: {', '.join(part['archive_cut'])}" if part.get("archive_cut") else ""
+        lines.append(f"- part {part['part']} (`{part['folder']}`): started {part['started_utc']}, "
+                     f"{part['elapsed_s']:,.0f} s{cut}")
+    if doc.get("parts_missing"):
+        lines.append(f"- not run yet: part {', '.join(str(n) for n in doc['parts_missing'])}")
+    return ["Parts:", "", *lines, ""] if lines else []
+
+
+def render_summary(doc: dict) -> str:
+    """SUMMARY.md from a suite.json document: one part's, or the merge of several."""
+    records = {record["name"]: record for record in doc["steps"]}
+    s = doc["settings"]
     mode = ("a CPU rehearsal: every step's real command at CPU size. The targets are for one H200; here they "
-            "only show that every figure is computed." if suite.mode == "rehearsal" else "a GPU run.")
-    head = [f"# Benchmark suite: {step_figures(suite.records, 'environment').get('device') or suite.mode}",
-            "", f"Started {suite.started_utc}, {time.monotonic() - suite.started:,.0f} s of --budget "
-            f"{suite.args.budget:g} s; this is {mode}", "", environment_line(suite.records), "",
+            "only show that every figure is computed." if doc["mode"] == "rehearsal" else "a GPU run.")
+    budget = f" of --budget {doc['budget_s']:g} s" if doc.get("budget_s") else ""
+    what = f"part {doc['part']}" if doc.get("part") else "the suite"
+    head = [f"# Benchmark suite: {step_figures(records, 'environment').get('device') or doc['mode']}",
+            "", f"Started {doc['started_utc']}, {doc['elapsed_s']:,.0f} s{budget} for {what}; this is {mode}", "",
+            *parts_lines(doc), environment_line(records), "",
             f"Configuration: {s['model']}, {s['image_size']} px, bf16 autocast, channels_last, batch {s['batch_size']}, "
             f"synthetic data ({s['num_classes']} classes), torch loader, {s['warmup_steps']} warm-up + {s['steps']} "
             "timed steps per depth, throughput mode (no evaluation). Targets: ResNet-50, 224 px, bf16, one H200.", ""]
-    body = target_lines(suite.records, compute_figures(suite.records)) + info_lines(suite.records)
-    return "\n".join(head + HEADER + body + ["", COMPILE_ESTIMATE, "", "## Steps", ""] + step_lines(suite.records)) + "\n"
+    body = target_lines(records, compute_figures(records)) + info_lines(records)
+    return "\n".join(head + HEADER + body + ["", COMPILE_ESTIMATE, "", "## Steps", ""] + step_lines(records)) + "\n"
