@@ -20,7 +20,7 @@ from bench.errors import ConfigError
 from bench.settings import GROUP_OF, STUDY, Settings
 from bench.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from models import HEADS, UNITS
-from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, folder_path, num_classes
+from pipelines import AUGMENTS, DATASETS, EVAL_SPLITS, LOADERS, NORMALIZE, default_loader, folder_path, num_classes
 from pipelines.folder import PREFIX
 
 DEFAULT_PROFILE = "default"
@@ -102,8 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "heavy: seed 003's, with colour and rotation)")
     g.add_argument("--normalize", default="cifar", choices=sorted(NORMALIZE),
                    help="mean/std used to normalise (default imagenet for folders)")
-    g.add_argument("--loader", default="dali", choices=LOADERS,
-                   help="input pipeline: dali, torch (tensor ops on the device), torchvision (the seeds' CPU DataLoader)")
+    g.add_argument("--loader", default="auto", choices=("auto", *LOADERS),
+                   help="input pipeline: dali, torch (tensor ops on the device), torchvision (the seeds' CPU DataLoader); "
+                        "auto = dali where it is installed, else torch")
     g.add_argument("--eval-split", default="val", choices=EVAL_SPLITS, help="split scored after every epoch")
     g.add_argument("--final", action="store_true", help="train on train + val and score the test split")
     g.add_argument("--allow-overlap", action="store_true",
@@ -241,6 +242,8 @@ def parse_config(argv: list[str] | None = None) -> Invocation:
         args["seeds"] = list(range(args["repeats"]))
     if folder_path(args["dataset"]) is not None:
         args.update({k: v for k, v in FOLDER_DEFAULTS.items() if k not in given})
+    if args["loader"] == "auto":  # resolved once: the run records, resumes and reports the loader it used
+        args["loader"] = default_loader()
     settings = Settings.from_flat(args)
     check_compile(settings, given)
     if settings.sweep.smoke:
@@ -255,6 +258,7 @@ def saved_settings(values: dict, **changes) -> Settings:
     parser = get_args_parser()
     defaults = {name: parser.get_default(name) for name in GROUP_OF}
     defaults["data_dir"] = defaults["data_dir"] or default_data_dir()
+    defaults["loader"] = default_loader()  # a run too old to store its loader
     return Settings.from_flat({**defaults, **{k: v for k, v in values.items() if k in GROUP_OF}, **changes})
 
 

@@ -2,9 +2,21 @@
 imported only when chosen, so a machine without DALI can still run `--loader torch`."""
 from __future__ import annotations
 
+import importlib.util
+
 from pipelines.contract import DataError
 
 LOADERS = ("dali", "torch", "torchvision")
+
+
+def default_loader() -> str:
+    """`--loader auto`: DALI where it is installed, else the torch loader (the same tensor ops on the
+    device, no extra package), as `--device auto` takes CUDA where there is one. Looked up, not
+    imported: importing DALI costs a second and its libraries."""
+    try:
+        return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
+    except (ImportError, ValueError):  # no `nvidia` namespace at all, or a module left half-imported
+        return "torch"
 
 
 def loader_class(name: str, *, files: bool = False) -> type:

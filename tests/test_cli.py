@@ -145,3 +145,18 @@ def test_offline_imagenet_weights_is_one_line(tmp_path, monkeypatch, capsys):
     code = main(["--profile", "smoke", "--device", "cpu", "--weights", "imagenet", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "--weights none" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_default_loader_is_dali_where_it_is_installed_else_torch(monkeypatch):
+    """`--loader auto`, like `--device auto`: a machine without DALI (the GPU machine until it is staged)
+    runs the torch loader instead of stopping, and an explicit `--loader dali` still says what is missing."""
+    import importlib.util
+    import sys
+
+    from bench.config import parse_config
+    installed = importlib.util.find_spec("nvidia.dali") is not None
+    assert parse_config(["--profile", "smoke"]).settings.data.loader == ("dali" if installed else "torch")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
+    assert parse_config(["--profile", "smoke"]).settings.data.loader == "torch"
+    assert parse_config(["--profile", "smoke", "--loader", "dali"]).settings.data.loader == "dali"
+    assert parse_config(["--profile", "smoke", "--loader", "torchvision"]).settings.data.loader == "torchvision"

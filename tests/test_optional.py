@@ -10,16 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = ("hypothesis", "nvidia.dali", "timm", "selenium", "torch_tb_profiler")
 
-# A meta-path finder in front of every other one: importing a blocked module (or a submodule of one)
-# raises ModuleNotFoundError, exactly what a missing package does.
+# A meta-path finder in front of every other one: a blocked module (or a submodule of one) is found, so
+# that code which only looks for it (torch's dynamo probes third-party packages with find_spec) goes on,
+# but importing it raises ModuleNotFoundError, exactly what a missing package does.
 BLOCK = f"""
-import importlib.abc, sys
+import importlib.abc, importlib.machinery, sys
 BLOCKED = {OPTIONAL!r}
-class Missing(importlib.abc.MetaPathFinder):
+class Missing(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return importlib.machinery.ModuleSpec(name, self)
         return None
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {{spec.name!r}}", name=spec.name)
+    def exec_module(self, module):
+        pass
 sys.meta_path.insert(0, Missing())
 import pytest
 # hypothesis's pytest plugin is an entry point of the hypothesis package: absent with it

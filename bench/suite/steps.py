@@ -255,7 +255,7 @@ STEPS = (
     Step("throughput", "ResNet-50, 224 px, bf16, channels_last, torch loader, every depth, eager",
          170, 45, bench_run(), parse_run, part=1),
     Step("seed000", "--profile seed000-layerwise at full size on synthetic CIFAR-100-shaped data, torch loader, "
-                    "no trace (--smoke rehearsed)", 280, 60, study_command, parse_run, part=1),
+                    "no trace (--smoke rehearsed)", 280, 90, study_command, parse_run, part=1),
     Step("loaders", "bench.loaders: torch and torchvision alone", 60, 30, loaders_command(TORCH_LOADERS),
          parse_loaders, part=2),
     # fp16 on a CPU is emulated: the rehearsal's time is mostly bench.run's fp16 ceiling
@@ -264,7 +264,7 @@ STEPS = (
     Step("nchw", "the same, --no-channels-last (NCHW batches and model), unfreeze all", 75, 30,
          bench_run({"channels_last": False, "unfreeze": "all"}), parse_run, part=2),
     Step("breakdown", "each depth's step phase by phase (--breakdown): input, frozen forward, trainable forward, "
-                      "backward, optimizer", 120, 45,
+                      "backward, optimizer", 120, 60,
          bench_run({"breakdown": True, "unfreeze": "1,6,12,25,all"}, rehearse={"unfreeze": "1,all"}), parse_run,
          part=2),
     Step("timm", "timm's benchmark.py --bench train on the same model, batch, size and precision",
