@@ -5,6 +5,7 @@ launches processes itself, and torchrun's elastic agent stops every rank when on
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -180,10 +181,40 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, compiled: bool) -> nn.Mo
     be a collective inside evaluation, where ranks may run different numbers of batches);
     `average_buffers` reconciles them before each evaluation instead."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=bucket_cap_mb(trainable), forward_sync_buffers=False,
-        find_unused_parameters=False, static_graph=not compiled)
+    ddp_class = nn.parallel.DistributedDataParallel
+    wrapped = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        bucket_cap_mb=bucket_cap_mb(trainable), find_unused_parameters=False,
+                        static_graph=not compiled, **no_forward_buffer_sync(ddp_class))
+    if not _has_forward_sync_buffers(ddp_class):
+        broadcast_buffers_(model)  # `broadcast_buffers=False` also skipped the sync at construction
+    return wrapped
+
+
+def _has_forward_sync_buffers(ddp_class: type) -> bool:
+    """torch 2.13 split DDP's `broadcast_buffers` into the sync at construction (always) and
+    `forward_sync_buffers` (before every forward); older torch (the GPU machine's 2.11) has only
+    `broadcast_buffers`, which turns off both."""
+    return "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters
+
+
+def no_forward_buffer_sync(ddp_class: type) -> dict[str, bool]:
+    """DDP's keyword that stops the buffer broadcast before every forward, in this torch's spelling
+    (the deprecated `broadcast_buffers` warns where its replacement exists)."""
+    return {"forward_sync_buffers" if _has_forward_sync_buffers(ddp_class) else "broadcast_buffers": False}
+
+
+@torch.no_grad()
+def broadcast_buffers_(module: nn.Module) -> None:
+    """Every buffer of `module` (BatchNorm statistics and step counts) set to rank 0's, in place: DDP's
+    sync at construction, which torch before 2.13 turns off together with the one before every forward."""
+    if not active():
+        return
+    buffers = list(module.buffers())
+    for dtype in dict.fromkeys(b.dtype for b in buffers):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src=0)
+        _unflatten(flat, group)
 
 
 @torch.no_grad()
@@ -202,7 +233,12 @@ def average_buffers(module: nn.Module) -> None:
         flat = torch.cat([b.reshape(-1) for b in group])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        offset = 0
-        for b in group:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+        _unflatten(flat, group)
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """`flat` (the tensors concatenated) copied back into `tensors`, in place."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -105,6 +105,66 @@ class DevicePeak:
             self.bytes = used if self.bytes is None else max(self.bytes, used)
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """CUDA: the allocator's cached, unused blocks handed back to the driver (a synchronisation), so the
+    device's memory in use counts what later steps reserve, not what earlier ones left cached."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class PeakMemory:
+    """torch's peak (`peak_memory`) and the whole device's (`DevicePeak`) in two windows: the warm-up,
+    the run's first `warmup_steps` training steps, where cuDNN's autotuner tries the largest workspaces
+    on each new shape and compilation runs, and the steady state after it, what training needs (`bytes`,
+    `device_bytes`). With no warm-up there is one window, and the warm-up's figures are None.
+
+    The allocator's cache is released one step before the warm-up ends (at its end when it is one
+    step long): the device's steady figure then holds what a steady step reserves, not the autotuner's
+    discarded workspaces, and the release's synchronisation and the re-reservation fall in an untimed step.
+    """
+
+    SAMPLED_STEPS = 3  # memory grows over a window's first steps (allocator, cuDNN workspaces, DALI's pools)
+
+    def __init__(self, device: torch.device, warmup_steps: int = 0):
+        self.device, self.warmup_steps = device, warmup_steps
+        self.device_peak = DevicePeak(device)
+        self.warmup_bytes: int | None = None
+        self.warmup_device_bytes: int | None = None
+
+    def start(self) -> None:
+        """The first window opens (before the run's first step)."""
+        reset_peak_memory(self.device)
+        self.device_peak = DevicePeak(self.device)
+
+    def step_done(self, step: int, *, early_in_epoch: bool = False) -> None:
+        """Training step `step` of the run (counted from 1) has been issued; `early_in_epoch`: one of its
+        epoch's first steps, sampled too."""
+        if early_in_epoch or step <= self.warmup_steps + self.SAMPLED_STEPS:
+            self.device_peak.sample()
+        if step == self.warmup_steps:
+            self._end_warmup()
+        elif step == self.warmup_steps - 1:
+            release_cached_memory(self.device)
+
+    def _end_warmup(self) -> None:
+        self.warmup_bytes, self.warmup_device_bytes = peak_memory(self.device), self.device_peak.bytes
+        if self.warmup_steps == 1:  # no earlier untimed step to release the cache in
+            release_cached_memory(self.device)
+        self.start()
+
+    def sample(self) -> None:
+        """The device's memory in use, at the edge of a timed region."""
+        self.device_peak.sample()
+
+    @property
+    def bytes(self) -> int:
+        return peak_memory(self.device)
+
+    @property
+    def device_bytes(self) -> int | None:
+        return self.device_peak.bytes
+
+
 _IMPORTED = time.perf_counter()
 
 

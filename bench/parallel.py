@@ -25,7 +25,8 @@ from bench.settings import Settings
 # How the ranks' values of one variant combine. Rates add up (each rank processes its own images at
 # the same time); times and memory are the slowest or largest rank's (the step waits for it).
 SUMMED = ("images_per_s", "tail_images_per_s", "eval_images_per_s", "achieved_tflops")
-LARGEST = ("peak_mem_bytes", "device_peak_mem_bytes", "step_ms_median", "data_wait_pct", "compile_s", "train_s",
+LARGEST = ("peak_mem_bytes", "device_peak_mem_bytes", "warmup_peak_mem_bytes", "warmup_device_peak_mem_bytes",
+           "step_ms_median", "data_wait_pct", "compile_s", "compile_cache_hits", "compile_cache_misses", "train_s",
            "wall_s", "gpu_hours", "train_acc_s", "feature_cache_s", "trace_export_s")
 AVERAGED = ("mfu",)  # a share of each device's ceiling: the mean over devices
 PER_RANK = ("peak_mem_bytes", "device_peak_mem_bytes", "images_per_s")

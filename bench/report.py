@@ -29,7 +29,9 @@ COLUMNS = [
     ("step_ms_median", "step ms", lambda v: f"{v:.1f}"),
     ("data_wait_pct", "data wait %", lambda v: f"{v:.1f}"),
     ("peak_mem_bytes", "peak mem", lambda v: f"{v / 2**30:.2f} GiB"),
+    ("warmup_peak_mem_bytes", "warm-up mem", lambda v: f"{v / 2**30:.2f} GiB"),
     ("device_peak_mem_bytes", "device mem", lambda v: f"{v / 2**30:.2f} GiB"),
+    ("warmup_device_peak_mem_bytes", "warm-up device mem", lambda v: f"{v / 2**30:.2f} GiB"),
     ("mfu", "MFU %", lambda v: f"{100 * v:.1f}"),
     ("compile_s", "compile s", lambda v: f"{v:.1f}"),
     ("top1", "top-1 %", lambda v: f"{v:.2f}"),
@@ -39,9 +41,14 @@ COLUMNS = [
 ]
 
 
+# Shown only where some row has one: the device's memory (none on the CPU), the warm-up's peaks (none
+# without --warmup-steps, or in rows written before they were measured apart).
+OPTIONAL = ("warmup_peak_mem_bytes", "device_peak_mem_bytes", "warmup_device_peak_mem_bytes")
+
+
 def columns(rows: list[dict]) -> list[tuple]:
-    """COLUMNS, less the device's memory where no row has one (CPU runs)."""
-    return [c for c in COLUMNS if c[0] != "device_peak_mem_bytes" or any(r.get(c[0]) is not None for r in rows)]
+    """COLUMNS, less the optional ones no row has."""
+    return [c for c in COLUMNS if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
 
 
 def what_ran(run: dict) -> str:

@@ -13,6 +13,9 @@ from enum import StrEnum
 # 4: the rows are under `rows` (they were under `depths`, which also held approach, budget and final rows).
 # 5: repeats: every row has its `seed`; `aggregates` (mean, std, min, max, ci95 per figure and variant);
 #    run.recommendation (the pick and the frontier) and run.comparisons (neighbours, paired by seed).
+#    Within 5: peak_mem_bytes and device_peak_mem_bytes are the steady state's, the warm-up's peaks apart
+#    (warmup_peak_mem_bytes, warmup_device_peak_mem_bytes; rows without them counted the warm-up in);
+#    compile_cache_hits / compile_cache_misses in compiled rows.
 SCHEMA_VERSION = 5
 
 
@@ -44,7 +47,9 @@ ROW_TRAINED = {"images_per_s": _NUM, "eval_images_per_s": _OPT_NUM, "step_ms_med
                "top5": _OPT_NUM, "train_s": _NUM, "wall_s": _NUM, "gpu_hours": _NUM, "acc_per_gpu_hour": _OPT_NUM,
                "batch_size": int, "history": list, "mode": str, "train_gflops_per_image": _NUM,
                "achieved_tflops": _NUM, "mfu": _OPT_NUM, "tail_images_per_s": _OPT_NUM,
-               "device_peak_mem_bytes": (int, type(None)), "compile_graphs": (int, type(None))}
+               "device_peak_mem_bytes": (int, type(None)), "compile_graphs": (int, type(None)),
+               "warmup_peak_mem_bytes": (int, type(None)), "warmup_device_peak_mem_bytes": (int, type(None)),
+               "compile_cache_hits": (int, type(None)), "compile_cache_misses": (int, type(None))}
 HISTORY = {"epoch": int, "train_loss": _NUM, "elapsed_s": _NUM}
 RUN = {"model": str, "dataset": str, "batch_size": int, "seed": int, "env": dict, "variants": list,
        "world_size": int, "ceiling_tflops": _NUM, "tf32": dict, "wall_s": _NUM, "device_hours": _NUM}

@@ -20,7 +20,8 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # What an aggregate summarises: the figures and those the table and plots show.
 FIGURES = ("top1", "top5", "images_per_s", "eval_images_per_s", "step_ms_median", "data_wait_pct", "peak_mem_bytes",
-           "device_peak_mem_bytes", "mfu", "compile_s", "gpu_hours", "acc_per_gpu_hour", "wall_s")
+           "device_peak_mem_bytes", "warmup_peak_mem_bytes", "warmup_device_peak_mem_bytes", "mfu", "compile_s",
+           "gpu_hours", "acc_per_gpu_hour", "wall_s")
 
 
 def t95(df: int) -> float:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bench import distributed
-from bench.measure import DevicePeak, StepTimer, synchronize
+from bench.measure import PeakMemory, StepTimer, synchronize
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
@@ -122,7 +122,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, device: torch.device, precision: str, compile: bool,
                  compile_mode: str | None, optimizer: torch.optim.Optimizer, scheduler,
-                 label_smoothing: float = 0.0, data_parallel: bool = False, compile_backend: str = "inductor"):
+                 label_smoothing: float = 0.0, data_parallel: bool = False, compile_backend: str = "inductor",
+                 warmup_steps: int = 0):
         self.model, self.device = model, device
         self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -141,7 +142,8 @@ class Trainer:
         self.precision = precision
         self.per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.steps_done = 0
-        self.device_peak = DevicePeak(device)  # the whole device's memory, DALI's included
+        # torch's and the whole device's peak (DALI's memory included), the first `warmup_steps` apart
+        self.memory = PeakMemory(device, warmup_steps)
 
     def end_epoch(self, val_loss: float) -> None:
         """Epoch-level scheduling: ReduceLROnPlateau watches the validation loss."""
@@ -178,8 +180,7 @@ class Trainer:
             timer.mark()
             loss = self.step(x, y)
             timer.mark_end()
-            if steps < 3:  # memory grows over the first steps (allocator, cuDNN workspaces, DALI's pools)
-                self.device_peak.sample()
+            self.memory.step_done(self.steps_done, early_in_epoch=steps < PeakMemory.SAMPLED_STEPS)
             loss_sum += loss * y.shape[0]
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.steps_done, first_bad)
             images_seen += y.shape[0]
@@ -189,7 +190,7 @@ class Trainer:
             if steps % NONFINITE_CHECK_EVERY == 0 and first_bad.item() >= 0:
                 raise NonFiniteLoss(int(first_bad))
         timer.mark()
-        self.device_peak.sample()
+        self.memory.sample()
         synchronize(self.device)
         wall = time.perf_counter() - start
         if first_bad.item() >= 0:
@@ -206,7 +207,7 @@ class Trainer:
         self.model.eval()
         stats = evaluate(self.network, loader, device=self.device, precision=self.precision, num_classes=num_classes,
                          pad_partial=self.compiled, all_ranks=self.data_parallel)
-        self.device_peak.sample()
+        self.memory.sample()
         return stats
 
 

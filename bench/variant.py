@@ -20,7 +20,7 @@ from bench.distributed import scaled_lr
 from bench.feature_cache import build_cache
 from bench.flops import eval_flops_per_image, mfu, train_flops_per_image
 from bench.inputs import make_loader
-from bench.measure import median, peak_memory, reset_peak_memory
+from bench.measure import PeakMemory, median
 from bench.schema import Status
 from bench.settings import Settings, TrainSettings
 from bench.trace import VariantTrace, plan_window, summarise_trace
@@ -75,7 +75,8 @@ def make_trainer(s: Settings, ctx: RunContext, network: Network, trained: nn.Mod
                                step_size=t.step_size, gamma=t.gamma, patience=t.plateau_patience)
     return Trainer(trained, device=ctx.device, precision=speed.precision, compile=speed.compile,
                    compile_mode=speed.compile_mode, compile_backend=speed.compile_backend, optimizer=optimizer,
-                   scheduler=scheduler, label_smoothing=t.label_smoothing, data_parallel=ctx.data_parallel)
+                   scheduler=scheduler, label_smoothing=t.label_smoothing, data_parallel=ctx.data_parallel,
+                   warmup_steps=steady_skip(t.warmup_steps, min(steps_per_epoch, total_steps)))
 
 
 class VariantRun:
@@ -85,6 +86,7 @@ class VariantRun:
         self.s, self.ctx, self.variant, self.num_classes, self.on_progress = s, ctx, variant, num_classes, on_progress
         self.throughput = s.train.steps is not None  # timm-style: training steps only, no evaluation
         self.graphs_before = fresh_compiler_state() if s.speed.compile else 0
+        self.cache_before = compile_cache_lookups() if s.speed.compile else None
         self.build(pretrained)
         self.data(splits)
         self.setup_training()
@@ -140,7 +142,7 @@ class VariantRun:
                        if self.window else None)
 
     def run(self) -> dict:
-        reset_peak_memory(self.ctx.device)
+        self.trainer.memory.start()
         history, epochs, train_acc_s, ev = [], [], 0.0, None
         with self.tracer or contextlib.nullcontext():
             for epoch in range(1, self.epochs + 1):
@@ -200,12 +202,12 @@ class VariantRun:
             "error": None,
             "mode": "throughput" if self.throughput else "train",
             **speed,
-            "peak_mem_bytes": peak_memory(ctx.device),
-            "device_peak_mem_bytes": self.trainer.device_peak.bytes,
+            **memory_fields(self.trainer.memory),
             "train_gflops_per_image": round(self.flops / 1e9, 4),
             "achieved_tflops": round(work_rate * self.flops / 1e12, 4),
             "mfu": _rounded(mfu(work_rate, self.flops, ctx.ceiling_tflops), 4),
             "compile_graphs": compiled_graphs() - self.graphs_before if s.speed.compile else None,
+            **compile_cache_fields(self.cache_before),
             "trunk_cut": split.cut if split is not None else None,
             "feature_cache_s": self.cache_s,
             "epochs": len(history),
@@ -223,6 +225,12 @@ class VariantRun:
             row["trace_export_s"] = round(self.tracer.export_s, 3)
             row["trace"] = summarise_trace(self.tracer.run_dir, worker=self.tracer.worker)
         return row
+
+
+def memory_fields(memory: PeakMemory) -> dict:
+    """The steady-state peaks as the headline; the warm-up's (cuDNN's autotuning, compilation) apart."""
+    return {"peak_mem_bytes": memory.bytes, "device_peak_mem_bytes": memory.device_bytes,
+            "warmup_peak_mem_bytes": memory.warmup_bytes, "warmup_device_peak_mem_bytes": memory.warmup_device_bytes}
 
 
 def plan_fields(variant: Variant, plan: FreezePlan) -> dict:
@@ -258,6 +266,12 @@ class EarlyStopping:
         return 0 < self.patience <= self.stale
 
 
+def steady_skip(warmup_steps: int, first_epoch_steps: int) -> int:
+    """The first steps left out of the steady-state figures: `--warmup-steps`, fewer when the first
+    epoch would have no step left after them."""
+    return max(0, min(warmup_steps, first_epoch_steps - 1))
+
+
 def summarise(t: TrainSettings, compiled: bool, epochs: list[tuple[EpochStats, EvalStats | None]],
               exclude: range = range(0), cache_s: float | None = None) -> dict:
     """Steady-state speed from the per-step times of every epoch.
@@ -271,7 +285,7 @@ def summarise(t: TrainSettings, compiled: bool, epochs: list[tuple[EpochStats, E
     first, first_eval = epochs[0]
     all_ms = [ms for stats, _ in epochs for ms in stats.step_ms]
     all_idle = [ms for stats, _ in epochs for ms in stats.idle_ms]
-    skip = min(t.warmup_steps, len(first.step_ms) - 1)
+    skip = steady_skip(t.warmup_steps, len(first.step_ms))
     kept = [i for i in range(skip, len(all_ms)) if i not in exclude] or list(range(skip, len(all_ms)))
     step_ms = [all_ms[i] for i in kept]
     step_median = median(step_ms)
@@ -310,3 +324,24 @@ def fresh_compiler_state() -> int:
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# The caches a compile can be served from, which `torch._dynamo.reset()` leaves on disk: inductor's
+# FX-graph cache and AOTAutograd's, under these counter names in torch 2.11 and 2.15 alike.
+CACHE_COUNTERS = {"hits": (("inductor", "fxgraph_cache_hit"), ("aot_autograd", "autograd_cache_hit")),
+                  "misses": (("inductor", "fxgraph_cache_miss"), ("aot_autograd", "autograd_cache_miss"))}
+
+
+def compile_cache_lookups() -> dict[str, int]:
+    """This process's compile-cache hits and misses so far (dynamo's reset does not clear the counters)."""
+    counters = torch._dynamo.utils.counters
+    return {kind: sum(counters[group][key] for group, key in keys) for kind, keys in CACHE_COUNTERS.items()}
+
+
+def compile_cache_fields(before: dict[str, int] | None) -> dict:
+    """The variant's compile-cache lookups since `before`, None when not compiled: a hit means its
+    `compile_s` was partly a cache load (an earlier variant or an earlier process compiled the graph)."""
+    if before is None:
+        return {"compile_cache_hits": None, "compile_cache_misses": None}
+    now = compile_cache_lookups()
+    return {f"compile_cache_{kind}": now[kind] - before[kind] for kind in CACHE_COUNTERS}

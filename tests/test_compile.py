@@ -6,6 +6,7 @@ under a "compiled" label. A backend that records each graph it is handed shows w
 """
 import json
 
+import pytest
 import torch
 from torch._dynamo import register_backend
 
@@ -68,4 +69,23 @@ def test_batch_size_auto_trials_the_compiled_step(tmp_path):
     (row,) = doc["rows"]
     # each trial compiled its training step from a clean state, as the variant then did
     assert len(GRAPHS) == len(trials) + row["compile_graphs"] and row["compile_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_rows_count_their_compile_cache_hits(tmp_path, monkeypatch):
+    """torch._dynamo.reset() leaves inductor's and AOTAutograd's caches on disk: the second seed of a
+    variant compiles the same graphs and is served from them, which its row must say."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold for the first seed
+    out = tmp_path / "run"
+    assert main(["--profile", "smoke", "--device", "cpu", "--loader", "torch", "--model", "simple_cnn",
+                 "--weights", "none", "--train-size", "64", "--val-size", "32", "--batch-size", "32",
+                 "--workers", "1", "--no-evaluate-best", "--compile", "--unfreeze", "1", "--seeds", "0,1",
+                 "--steps", "1", "--warmup-steps", "1", "--out", str(out)]) == 0
+    first, second = json.loads((out / "results.json").read_text())["rows"]
+    print(f"\ncompile s {first['compile_s']} -> {second['compile_s']}; cache hits/misses "
+          f"{first['compile_cache_hits']}/{first['compile_cache_misses']} -> "
+          f"{second['compile_cache_hits']}/{second['compile_cache_misses']}")
+    assert first["compile_cache_misses"] > 0 and first["compile_cache_hits"] == 0
+    assert second["compile_cache_hits"] > 0 and second["compile_cache_misses"] == 0
     torch._dynamo.reset()

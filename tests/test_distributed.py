@@ -27,6 +27,7 @@ import pytest
 import torch
 from loader_helpers import CPU, MEAN, STD
 
+from bench import distributed
 from bench.config import parse_config
 from bench.context import RunContext
 from bench.distributed import Dist, bucket_cap_mb
@@ -192,6 +193,67 @@ def test_what_a_configuration_means_on_a_rank():
         check_config(s.replace(**bad, parallel="variants"), Dist(1, 4))
 
 
+class LegacyDDP:
+    """Records what wrap_ddp hands DDP; the signature of torch 2.11's, which has no `forward_sync_buffers`."""
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, init_sync=True,
+                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
+                 gradient_as_bucket_view=False, static_graph=False):
+        self.module = module
+        self.kwargs = {k: v for k, v in locals().items() if k not in ("self", "module")}
+
+
+class CurrentDDP(LegacyDDP):
+    """torch >= 2.13's: `forward_sync_buffers` beside the deprecated `broadcast_buffers`."""
+
+    def __init__(self, module, device_ids=None, broadcast_buffers=None, bucket_cap_mb=None,
+                 find_unused_parameters=False, static_graph=False, forward_sync_buffers=None):
+        self.module = module
+        self.kwargs = {k: v for k, v in locals().items() if k not in ("self", "module")}
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """A pretend second rank: collectives are live, and a broadcast from rank 0 writes 7 into every
+    element (what rank 0 holds); returns the broadcasts' sources."""
+    sources = []
+
+    def broadcast(tensor, src):
+        sources.append(src)
+        tensor.fill_(7)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed.dist, "broadcast", broadcast)
+    return sources
+
+
+def bn_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(1.0)
+    return model
+
+
+def test_ddp_without_forward_sync_buffers_syncs_buffers_at_construction_itself(monkeypatch, two_ranks):
+    """torch 2.11's DDP: `broadcast_buffers=False` stops the sync before every forward and, unlike torch
+    2.13's `forward_sync_buffers=False`, the one at construction too, which wrap_ddp then does itself."""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", LegacyDDP)
+    model = bn_model()
+    wrapped = distributed.wrap_ddp(model, CPU, compiled=False)
+    assert isinstance(wrapped, LegacyDDP) and wrapped.kwargs["broadcast_buffers"] is False
+    assert wrapped.kwargs["find_unused_parameters"] is False and wrapped.kwargs["static_graph"] is True
+    assert torch.all(model[1].running_mean == 7) and int(model[1].num_batches_tracked) == 7  # rank 0's
+    assert two_ranks and set(two_ranks) == {0}
+
+
+def test_ddp_with_forward_sync_buffers_leaves_the_sync_at_construction_to_ddp(monkeypatch, two_ranks):
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", CurrentDDP)
+    model = bn_model()
+    wrapped = distributed.wrap_ddp(model, CPU, compiled=True)
+    assert wrapped.kwargs["forward_sync_buffers"] is False
+    assert wrapped.kwargs["broadcast_buffers"] is None  # the deprecated keyword is not given (it warns)
+    assert wrapped.kwargs["static_graph"] is False
+    assert torch.all(model[1].running_mean == 1.0) and not two_ranks
+
+
 # ----------------------------------------------------------------------------------------------------
 # torchrun, two processes
 # ----------------------------------------------------------------------------------------------------
@@ -267,6 +329,15 @@ def test_parallel_variants_writes_every_row_once(tmp_path):
     assert (out / "evaluation" / f"{best}-val").is_dir()  # rank 0 evaluated the best, whoever trained it
     assert doc["run"]["world_size"] == 2 and doc["run"]["parallel"] == "variants"
     print(f"\n--parallel variants, 3 variants on 2 processes: {wall:.1f} s")
+
+
+@pytest.mark.slow
+def test_ddp_syncs_buffers_at_construction_and_not_before_the_forward():
+    """Real DDP on two Gloo ranks, this torch's and one spelled as torch 2.11's (tests/ddp_buffers.py)."""
+    done, _ = torchrun(str(ROOT / "tests" / "ddp_buffers.py"), timeout=120)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("buffers ok") == 2, log[-3000:]
 
 
 FAILURE = re.compile(r"injected failure on rank (\d) at step 3 at ([0-9.]+)")

@@ -178,3 +178,72 @@ def test_batch_search_takes_every_allocation_failure_for_out_of_memory():
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="shapes"):  # a real error is not mistaken for a full device
         search(broken, start=16, limit=4096)
+
+
+BIG = 256 * 2**20  # bytes: far above what a step of the tiny model allocates
+
+
+def allocating_in_first_step(monkeypatch, device: torch.device) -> None:
+    """The run's first training step also allocates (and touches) BIG bytes and frees them, as cuDNN's
+    autotuner does with its trial workspaces."""
+    from bench.train import Trainer
+    step = Trainer.step
+
+    def first_step_allocates(self, images, labels):
+        if self.steps_done == 0:
+            torch.ones(BIG // 4, device=device).sum().item()
+        return step(self, images, labels)
+    monkeypatch.setattr(Trainer, "step", first_step_allocates)
+
+
+def test_peak_memory_is_the_steady_state_and_the_warmup_peak_is_apart(tmp_path, monkeypatch):
+    """On the CPU the peak is resident memory (VmHWM, reset after the warm-up through /proc)."""
+    allocating_in_first_step(monkeypatch, torch.device("cpu"))
+    out = tmp_path / "run"
+    assert main([*TINY, "--weights", "none", "--unfreeze", "1", "--steps", "3", "--warmup-steps", "2",
+                 "--out", str(out)]) == 0
+    (row,) = rows(out)
+    assert row["warmup_peak_mem_bytes"] - row["peak_mem_bytes"] > 0.8 * BIG, row
+    assert row["warmup_device_peak_mem_bytes"] is None and row["device_peak_mem_bytes"] is None
+    assert "warm-up mem" in (out / "table.txt").read_text()
+
+
+def test_without_warmup_steps_the_peak_covers_the_whole_run(tmp_path, monkeypatch):
+    allocating_in_first_step(monkeypatch, torch.device("cpu"))
+    out = tmp_path / "run"
+    assert main([*TINY, "--weights", "none", "--unfreeze", "1", "--steps", "3", "--warmup-steps", "0",
+                 "--out", str(out)]) == 0
+    (row,) = rows(out)
+    assert row["warmup_peak_mem_bytes"] is None and row["peak_mem_bytes"] > BIG
+    assert "warm-up mem" not in (out / "table.txt").read_text()
+
+
+@pytest.mark.parametrize("warmup, release, reset", [(5, 4, 5), (2, 1, 2), (1, 1, 1)])
+def test_the_cache_is_released_in_the_last_untimed_step_and_the_peaks_reset_after_the_warmup(
+        monkeypatch, warmup, release, reset):
+    """The release synchronises and the next step reserves again: both belong in a step left out of
+    images/s, so the release comes one step before the warm-up ends (at its end when it is one step)."""
+    import bench.measure as measure
+    events = []
+    monkeypatch.setattr(measure, "release_cached_memory", lambda device: events.append(("release", step)))
+    monkeypatch.setattr(measure, "reset_peak_memory", lambda device: events.append(("reset", step)))
+    memory = measure.PeakMemory(torch.device("cpu"), warmup)
+    for step in range(1, warmup + 4):
+        memory.step_done(step)
+    assert events == [("release", release), ("reset", reset)]
+    assert memory.warmup_bytes > 0 and memory.warmup_device_bytes is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's and the device's peaks on CUDA need a GPU")
+def test_cuda_peaks_leave_the_warmup_out(tmp_path, monkeypatch):
+    allocating_in_first_step(monkeypatch, torch.device("cuda"))
+    out = tmp_path / "run"
+    assert main([*TINY, "--device", "cuda", "--weights", "none", "--unfreeze", "1", "--steps", "5",
+                 "--warmup-steps", "3", "--out", str(out)]) == 0
+    (row,) = rows(out)
+    print(f"\ntorch peak {row['peak_mem_bytes'] / 2**20:.0f} MiB (warm-up {row['warmup_peak_mem_bytes'] / 2**20:.0f}), "
+          f"device {row['device_peak_mem_bytes'] / 2**20:.0f} MiB (warm-up "
+          f"{row['warmup_device_peak_mem_bytes'] / 2**20:.0f})")
+    assert row["warmup_peak_mem_bytes"] - row["peak_mem_bytes"] > 0.9 * BIG
+    # the allocator's cache was released before the steady state: the device no longer holds BIG for us
+    assert row["warmup_device_peak_mem_bytes"] - row["device_peak_mem_bytes"] > 0.9 * BIG

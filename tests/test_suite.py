@@ -450,14 +450,17 @@ def test_a_row_shows_the_device_memory_beside_torchs_and_the_ceiling_in_its_dtyp
                                        "device_peak_mem_bytes": 12 * gib}}),
             "seed000": _run_record({"1": {"images_per_s": 700.0, "tail_images_per_s": 9000.0,
                                           "peak_mem_bytes": gib, "device_peak_mem_bytes": None}}),
-            "compile": _run_record({"1": {"images_per_s": 1.0, "compile_s": 20.0, "compile_graphs": 2}})}
+            "compile": _run_record({"1": {"images_per_s": 1.0, "compile_s": 20.0, "compile_graphs": 2,
+                                          "compile_cache_hits": 0, "compile_cache_misses": 4,
+                                          "warmup_peak_mem_bytes": 40 * gib, "warmup_device_peak_mem_bytes": 44 * gib}})}
     lines = {line.split(" | ")[0]: line for line in info_lines(recs)}
     assert "peak 30.00 GiB (torch), 34.00 GiB (device)" in lines["| throughput: unfreeze-all"]
     assert "400 TFLOP/s tf32, MFU 40.0 %" in lines["| throughput: unfreeze-all"]
     assert "peak 8.00 GiB (torch), 12.00 GiB (device)" in lines["| dali: unfreeze-1"]
     seed = lines["| seed000: unfreeze-1"]
     assert "(device)" not in seed and "tail 9,000 img/s" in seed and "| 700 img/s |" in seed
-    assert "compile 20.00 s, 2 graphs" in lines["| compile: unfreeze-1"]
+    assert "compile 20.00 s, 2 graphs, cache 0 hits / 4 misses" in lines["| compile: unfreeze-1"]
+    assert "warm-up 40.00 GiB, 44.00 GiB (device)" in lines["| compile: unfreeze-1"]  # autotuning, apart
     failed = run_row_line(recs, "throughput", "unfreeze-3", {"status": "oom", "error": "CUDA out of memory | x"})
     assert failed == "| throughput: unfreeze-3 | oom | – | – | – | CUDA out of memory / x |"
 

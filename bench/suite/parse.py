@@ -12,8 +12,9 @@ from bench.schema import saved_rows
 RUN_FIELDS = ("model", "image_size", "batch_size", "precision", "loader", "channels_last", "compile",
               "ceiling_tflops", "ceiling_dtype", "tf32", "loader_images_per_s", "wall_s", "device_hours")
 ROW_FIELDS = ("unfreeze", "status", "error", "images_per_s", "tail_images_per_s", "step_ms_median",
-              "data_wait_pct", "peak_mem_bytes", "device_peak_mem_bytes", "mfu", "compile_s", "compile_graphs",
-              "wall_s", "gpu_hours", "top1", "breakdown")
+              "data_wait_pct", "peak_mem_bytes", "device_peak_mem_bytes", "warmup_peak_mem_bytes",
+              "warmup_device_peak_mem_bytes", "mfu", "compile_s", "compile_graphs", "compile_cache_hits",
+              "compile_cache_misses", "wall_s", "gpu_hours", "top1", "breakdown")
 TIMM_FIELDS = ("model", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
                "param_count")
 

@@ -77,12 +77,17 @@ def run_row_line(records: dict, step: str, variant: str, row: dict) -> str:
              f"peak {gib(row.get('peak_mem_bytes'))} (torch)"]
     if row.get("device_peak_mem_bytes") is not None:
         notes.append(f"{gib(row['device_peak_mem_bytes'])} (device)")
+    if row.get("warmup_peak_mem_bytes") is not None:  # cuDNN's autotuning and compilation, apart
+        device = row.get("warmup_device_peak_mem_bytes")
+        notes.append(f"warm-up {gib(row['warmup_peak_mem_bytes'])}" + (f", {gib(device)} (device)" if device else ""))
     if row.get("tail_images_per_s"):
         notes.append(f"tail {number(row['tail_images_per_s'], 'img/s')}")
     if row.get("compile_s"):
         graphs = row.get("compile_graphs")
+        hits, misses = row.get("compile_cache_hits"), row.get("compile_cache_misses")
         notes.append(f"compile {number(row['compile_s'], 's')}"
-                     + (f", {graphs} graph{'s' * (graphs != 1)}" if graphs is not None else ""))
+                     + (f", {graphs} graph{'s' * (graphs != 1)}" if graphs is not None else "")
+                     + (f", cache {hits} hits / {misses} misses" if hits is not None else ""))
     if row.get("trace"):
         notes.append(f"idle {number(row['trace'].get('idle_pct'), '%')}, layout copies {row['trace'].get('layout_copies')}")
     if isinstance(row.get("breakdown"), dict):  # synchronised phases, ms per step
