@@ -20,7 +20,7 @@ from rich.console import Console
 from bench.files import atomic_write
 from bench.signals import StopSignal, interrupt_exit_code
 from bench.suite.figures import COMPILE_ESTIMATE, check_targets, compute_figures, step_figures
-from bench.suite.merge import merge_parts
+from bench.suite.merge import MergeError, merge_parts
 from bench.suite.parse import ParseError
 from bench.suite.steps import COMPILE_CACHE, KILL_GRACE_S, ROOT, Step, Suite
 from bench.suite.summary import render_summary
@@ -264,6 +264,15 @@ def run_steps(suite: Suite, steps: list[Step], console: Console) -> None:
         write_outputs(suite)
 
 
+def merge_suite(suite: Suite, console: Console) -> None:
+    """The suite folder's summary over every part in it; a folder it cannot merge (parts of a rehearsal
+    beside a GPU run's) costs the part nothing: its own folder and archive are written already."""
+    try:
+        merge_parts([suite.out.parent], suite.out.parent)
+    except (MergeError, OSError) as e:
+        console.print(f"bench.suite: warning: {suite.out.parent} not merged: {e}")
+
+
 def run_part(suite: Suite, steps, wanted: list[str], console: Console) -> int:
     """Every step of the part in order (or skipped, saying why), its folder rewritten after each, packed
     at the end, and the suite folder's merged summary refreshed. Exit code: 0 when every step that ran
@@ -280,10 +289,10 @@ def run_part(suite: Suite, steps, wanted: list[str], console: Console) -> int:
         mark_interrupted(suite)
         write_outputs(suite)
         console.print(f"bench.suite: stopped; what finished is in {suite.out} and {pack_part(suite)}")
-        merge_parts([suite.out.parent], suite.out.parent)
+        merge_suite(suite, console)
         return interrupt_exit_code(e)
     archive = pack_part(suite)
-    merge_parts([suite.out.parent], suite.out.parent)
+    merge_suite(suite, console)
     ran = [r for r in suite.records.values() if r["status"] not in ("skipped", "pending")]
     console.print(f"bench.suite: part {suite.part}: {sum(r['status'] == 'ok' for r in ran)}/{len(ran)} steps ok; "
                   f"{suite.out / 'SUMMARY.md'}, {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
