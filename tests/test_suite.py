@@ -176,6 +176,15 @@ def test_a_step_whose_limit_exceeds_what_remains_is_skipped_and_listed(tmp_path)
     assert "| long | skipped |" in (out / "SUMMARY.md").read_text()
 
 
+def test_the_budget_is_for_the_whole_command_across_parts(tmp_path):
+    out = tmp_path / "s"
+    steps = (fake_step("first", "import time; time.sleep(2)", limit=4, figures={}, part=1),
+             fake_step("later", "pass", limit=4, figures={}, part=2))  # about 3 s of 5 left: skipped
+    assert run_main(["--rehearse", "--out", str(out), "--budget", "5"], steps) == 0
+    assert records(out)["first"]["status"] == "ok"
+    assert records(out)["later"]["status"] == "skipped" and records(out)["later"]["reason"].startswith("budget")
+
+
 def test_a_step_over_its_limit_is_stopped_with_its_whole_process_group(tmp_path):
     out, pid_file = tmp_path / "s", tmp_path / "grandchild.pid"
     code = ("import subprocess, sys, time; "

@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -167,9 +168,12 @@ def main(argv: list[str] | None = None, steps=STEPS) -> int:
         print(f"bench.suite: error: {e}", file=sys.stderr)
         return 2
     mode = "rehearsal" if args.rehearse else "gpu"
-    codes = []
+    codes, started = [], time.monotonic()
     for number, wanted in plan.items():
-        suite = Suite(args, (Path(args.out) / f"part-{number}").resolve(), mode, REHEARSAL if args.rehearse else GPU,
+        # --budget is for the whole command: each part gets what the earlier ones left
+        left = None if args.budget is None else max(0.0, args.budget - (time.monotonic() - started))
+        suite = Suite(argparse.Namespace(**{**vars(args), "budget": left}),
+                      (Path(args.out) / f"part-{number}").resolve(), mode, REHEARSAL if args.rehearse else GPU,
                       argv=sys.argv[1:] if argv is None else list(argv), part=number)
         codes.append(run_part(suite, [s for s in steps if s.part == number], wanted, console))
         if codes[-1] not in (0, 1):  # stopped: the parts after it are not started
