@@ -37,7 +37,8 @@ TORCH_LOADERS, DALI_LOADER, FOLDER_LOADERS = "torch,torchvision", "dali", "torch
 
 COMPILE_CACHE = "compile-cache"  # in a part's folder while its steps run
 PART_LIMIT_S = 540      # one command on the GPU machine: 600 s, less the transfers
-STARTUP_S = 20          # the suite's own start-up and the import checks before its first step
+STARTUP_S = 20          # the suite's own start-up and its packing at the end
+IMPORT_CHECK_S = 30     # `import nvidia.dali` (once per part) in a step's interpreter: DALI loads in seconds
 KILL_GRACE_S = {"gpu": 10.0, "rehearsal": 5.0}  # after SIGTERM bench.run writes what it finished
 
 
@@ -82,6 +83,7 @@ class Step:
     part: int = 1
     # environment variables for the step's processes, on top of the suite's own
     env: Callable[[Suite, Path], dict] | None = None
+    import_check: bool = False     # skip_if imports a module in a subprocess (up to IMPORT_CHECK_S)
 
     def limit(self, suite: Suite) -> int:
         return self.rehearse_limit_s if suite.mode == "rehearsal" else self.limit_s
@@ -217,11 +219,11 @@ def import_error(suite: Suite, module: str, where: Path = ROOT) -> str | None:
     if key not in suite.imports:
         try:
             proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
-                                  cwd=where, timeout=120)
+                                  cwd=where, timeout=IMPORT_CHECK_S)
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
             suite.imports[key] = None if proc.returncode == 0 else f"`import {module}` fails here ({last})"
         except subprocess.TimeoutExpired:
-            suite.imports[key] = f"`import {module}` did not finish in 120 s"
+            suite.imports[key] = f"`import {module}` did not finish in {IMPORT_CHECK_S} s"
     return suite.imports[key]
 
 
@@ -268,7 +270,7 @@ STEPS = (
          bench_run({"breakdown": True, "unfreeze": "1,6,12,25,all"}, rehearse={"unfreeze": "1,all"}), parse_run,
          part=2),
     Step("timm", "timm's benchmark.py --bench train on the same model, batch, size and precision",
-         120, 40, timm_command, parse_timm, timm_missing, part=2),
+         100, 40, timm_command, parse_timm, timm_missing, part=2, import_check=True),
     Step("compile", "the same, --compile from empty compile caches, unfreeze 1 and all", 300, 90,
          bench_run({"compile": True, "unfreeze": "1,all"}, rehearse={"unfreeze": "1"}), parse_run,
          toolchain_missing, part=3, env=cold_compile_caches),
@@ -279,9 +281,10 @@ STEPS = (
                    rehearse={"steps": 6, "warmup_steps": 1, "unfreeze": "1,all"}),
          parse_run, part=3),
     Step("loaders-dali", "bench.loaders: dali alone, in a process of its own", 60, 30, loaders_command(DALI_LOADER),
-         parse_loaders, needs_module("nvidia.dali"), part=4),
+         parse_loaders, needs_module("nvidia.dali"), part=4, import_check=True),
     Step("dali", "throughput with --loader dali, unfreeze 1 and all", 120, 45,
-         bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali"), part=4),
+         bench_run({"loader": "dali", "unfreeze": "1,all"}), parse_run, needs_module("nvidia.dali"), part=4,
+         import_check=True),
     Step("folder", "bench.loaders on a folder of JPEGs (bench.make_folder): decoding, random-resized crop, flip; "
                    "torch, torchvision, then dali", 240, 60, folder_loaders_command, parse_loaders,
          before=make_folder_command, part=4),
@@ -292,6 +295,7 @@ STEPS = (
 
 
 def part_limit_s(steps, number: int, mode: str = "gpu") -> float:
-    """The longest a part can take: its start-up, and each step's limit and kill grace."""
-    return STARTUP_S + sum(s.limit_s if mode == "gpu" else s.rehearse_limit_s for s in steps if s.part == number) \
-        + KILL_GRACE_S[mode] * sum(s.part == number for s in steps)
+    """The longest a part can take: its start-up, its import check, and each step's limit and kill grace."""
+    members = [s for s in steps if s.part == number]
+    return (STARTUP_S + IMPORT_CHECK_S * any(s.import_check for s in members)
+            + sum((s.limit_s if mode == "gpu" else s.rehearse_limit_s) + KILL_GRACE_S[mode] for s in members))
