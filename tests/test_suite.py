@@ -70,6 +70,9 @@ def test_rehearsal_runs_every_part_and_leaves_one_shareable_folder(tmp_path):
     assert doc["figures"]["all_images_per_s"] > 0 and doc["figures"]["unfreeze1_images_per_s"] > 0
     assert doc["figures"]["loader_speedup"] > 0 and doc["figures"]["data_wait_pct"] >= 0
     assert steps["compile"]["figures"]["rows"]["unfreeze-1"]["compile_s"] > 0
+    assert steps["compile"]["figures"]["rows"]["unfreeze-1"]["compile_cache_misses"] > 0
+    # the step ran with compile caches of its own, in its part's folder (deleted after it)
+    assert steps["compile"]["env"]["TORCHINDUCTOR_CACHE_DIR"] == str((out / "part-3" / "compile-cache" / "compile" / "inductor").resolve())
     assert doc["environment"]["matmul_bf16_tflops"] > 0 and doc["environment"]["copy_gbps"] > 0
     assert steps["loaders"]["figures"]["json"] == "part-2/runs/loaders/loaders.json"  # its --json, not its table
     assert set(steps["loaders"]["figures"]["loaders"]) == {"torch", "torchvision"}

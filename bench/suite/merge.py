@@ -4,6 +4,7 @@ merge writes the suite folder's suite.json and SUMMARY.md over all of them, its 
 folder, so the folder travels and `bench.compare` reads it like a single run's."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from datetime import datetime, timezone
@@ -47,7 +48,7 @@ def part_folders(dirs: list[Path]) -> list[Path]:
 
 def rebase(record: dict, prefix: str) -> dict:
     """A part's step record with its paths relative to the merged folder instead of the part's."""
-    record = json.loads(json.dumps(record))  # a deep copy: the part's own document stays as it was
+    record = copy.deepcopy(record)  # the part's own document stays as it was
     if record.get("log"):
         record["log"] = f"{prefix}/{record['log']}"
     figures = record.get("figures") or {}

@@ -229,15 +229,13 @@ def pack_part(suite: Suite) -> Path:
     """The part's archive, at most ARCHIVE_CAP_MB: traces, then the longest logs, are given up until it
     fits, and suite.json names each."""
     archive = archive_path(suite)
-    cut = []
     while pack(suite.out, archive) > ARCHIVE_CAP_MB * 2**20:
         what = shrink(suite)
         if what is None:
             print(f"bench.suite: warning: {archive} is {archive.stat().st_size / 2**20:.1f} MiB, over "
                   f"{ARCHIVE_CAP_MB:g}")
             break
-        cut.append(what)
-        suite.archive_cut = cut
+        suite.archive_cut.append(what)
         write_outputs(suite)
     return archive
 
